@@ -1,0 +1,134 @@
+"""What every model family shares: where the KV layout comes from and how RoPE is undone and redone.
+
+An adapter never re-implements a family's rotary embedding. It asks the model's own rotary module for
+``cos``/``sin`` at the tokens' true positions, so every RoPE variant transformers implements (default,
+Llama-3 scaling, YaRN and LongRoPE with their attention factor, dynamic) is undone exactly: the cached key
+is ``k' = k*cos + rotate_half(k)*sin`` on the first ``rotary_dim`` dims, and since ``cos`` and ``sin`` may
+both carry an attention factor ``a``, the inverse is ``(k'*cos - rotate_half(k')*sin) / (cos^2 + sin^2)``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """Shapes of one model's KV cache, per layer."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int  # key head size
+    v_head_dim: int  # value head size (differs from keys in MLA models)
+    rotary_dim: int  # leading key dims that RoPE rotates (partial rotary rotates fewer than head_dim)
+    exact_layers: tuple[int, ...] = ()  # sliding-window layers: already bounded, stored exactly
+
+    @property
+    def coded_layers(self) -> tuple[int, ...]:
+        return tuple(i for i in range(self.num_layers) if i not in self.exact_layers)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class ModelAdapter:
+    """Base adapter: Llama-style attention with separate q/k/v projections and no q/k norm."""
+
+    model_types: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.config = model.config.get_text_config(decoder=True)
+        self.decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+        self.rotary = self.decoder.rotary_emb
+        self._rotary_takes_layer_type = "layer_type" in inspect.signature(self.rotary.forward).parameters
+
+    # --- layout -----------------------------------------------------------------------------------------
+    def head_dim(self) -> int:
+        c = self.config
+        return getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+
+    def layout(self) -> KVLayout:
+        c = self.config
+        n = c.num_hidden_layers
+        head_dim = self.head_dim()
+        cos, _ = self.cos_sin(0, torch.zeros(1, 1, dtype=torch.long))
+        return KVLayout(
+            num_layers=n,
+            num_kv_heads=getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
+            head_dim=head_dim,
+            v_head_dim=head_dim,
+            rotary_dim=cos.shape[-1],
+            exact_layers=self.sliding_layers(),
+        )
+
+    def sliding_layers(self) -> tuple[int, ...]:
+        types = getattr(self.config, "layer_types", None) or []
+        return tuple(i for i, t in enumerate(types) if t == "sliding_attention")
+
+    def attention(self, layer_idx: int) -> nn.Module:
+        return self.decoder.layers[layer_idx].self_attn
+
+    # --- RoPE -------------------------------------------------------------------------------------------
+    def layer_type(self, layer_idx: int) -> str:
+        types = getattr(self.config, "layer_types", None)
+        return types[layer_idx] if types else "full_attention"
+
+    @torch.no_grad()
+    def cos_sin(self, layer_idx: int, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``cos``, ``sin`` ``[batch, n, rotary_dim]`` in float32, exactly as the model's rotary module makes them."""
+        device = next(self.rotary.buffers()).device
+        positions = positions.to(device)
+        probe = torch.zeros(1, dtype=torch.float32, device=device)
+        if self._rotary_takes_layer_type:
+            cos, sin = self.rotary(probe, positions, self.layer_type(layer_idx))
+        else:
+            cos, sin = self.rotary(probe, positions)
+        return cos.float(), sin.float()
+
+    def _apply(self, keys: torch.Tensor, layer_idx: int, positions: torch.Tensor, inverse: bool) -> torch.Tensor:
+        cos, sin = self.cos_sin(layer_idx, positions)
+        cos, sin = cos.to(keys.device).unsqueeze(1), sin.to(keys.device).unsqueeze(1)  # [b, 1, n, rot]
+        rot = cos.shape[-1]
+        x = keys.float()
+        head, tail = x[..., :rot], x[..., rot:]
+        if inverse:
+            head = (head * cos - rotate_half(head) * sin) / (cos * cos + sin * sin)
+        else:
+            head = head * cos + rotate_half(head) * sin
+        return torch.cat((head, tail), dim=-1)
+
+    def unrotate_keys(self, keys: torch.Tensor, layer_idx: int, positions: torch.Tensor) -> torch.Tensor:
+        """Cached (rotated) keys ``[b, h, n, d]`` at ``positions`` ``[b, n]`` -> pre-RoPE keys, float32."""
+        return self._apply(keys, layer_idx, positions, inverse=True)
+
+    def rotate_keys(self, keys: torch.Tensor, layer_idx: int, positions: torch.Tensor) -> torch.Tensor:
+        """Pre-RoPE keys -> keys as the model caches them, float32."""
+        return self._apply(keys, layer_idx, positions, inverse=False)
+
+    # --- pre-RoPE projections (for capture of queries and for verifying the inversion) -------------------
+    def query_source(self, layer_idx: int) -> nn.Module:
+        """The module whose output is the pre-RoPE query, ``[..., heads*head_dim]`` or per-head normed."""
+        return self.attention(layer_idx).q_proj
+
+    def key_source(self, layer_idx: int) -> nn.Module:
+        return self.attention(layer_idx).k_proj
+
+    def split_query(self, output: torch.Tensor) -> torch.Tensor:
+        """Output of ``query_source`` -> ``[b, heads, n, head_dim]``."""
+        b, n = output.shape[:2]
+        return output.reshape(b, n, -1, self.head_dim()).transpose(1, 2)
+
+    def split_key(self, output: torch.Tensor) -> torch.Tensor:
+        b, n = output.shape[:2]
+        return output.reshape(b, n, -1, self.head_dim()).transpose(1, 2)
+
+    def attention_scale(self, layer_idx: int) -> float:
+        return float(getattr(self.attention(layer_idx), "scaling", self.head_dim() ** -0.5))

@@ -1,0 +1,1 @@
+"""The transform codec: un-rotate, project, quantize, bit-pack and entropy-code KV caches."""

@@ -1,0 +1,1 @@
+"""Quality measurement: continuation perplexity and long-context retrieval under a cache method."""

@@ -1,0 +1,1 @@
+"""Fitting: PCA bases, DP bit allocations and PyramidKV budgets from captured KV statistics."""

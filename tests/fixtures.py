@@ -1,0 +1,80 @@
+"""Tiny random-weight models of every supported family, written to a directory in Hugging Face format.
+
+Random weights say nothing about compression quality; these exist to exercise architecture adapters fast.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+VOCAB = 128
+COMMON = dict(
+    vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=1024, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+)
+
+
+def tiny_config(family: str):
+    import transformers as tf
+
+    if family == "llama":
+        return tf.LlamaConfig(**COMMON, head_dim=16, rope_parameters={
+            "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 128})
+    if family == "mistral":
+        return tf.MistralConfig(**COMMON, head_dim=16, sliding_window=None)
+    if family == "qwen2":
+        return tf.Qwen2Config(**COMMON, rope_parameters={
+            "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 256})
+    if family == "qwen3":
+        return tf.Qwen3Config(**COMMON, head_dim=16)
+    if family == "gemma2":
+        return tf.Gemma2Config(**{**COMMON, "num_hidden_layers": 4}, head_dim=16, sliding_window=512,
+                               query_pre_attn_scalar=16)
+    if family == "gemma3":
+        return tf.Gemma3TextConfig(**{**COMMON, "num_hidden_layers": 4}, head_dim=16, sliding_window=512,
+                                   sliding_window_pattern=2, query_pre_attn_scalar=16)
+    if family == "phi3":
+        return tf.Phi3Config(**COMMON, partial_rotary_factor=0.5, rope_parameters={
+            "rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 256,
+            "short_factor": [1.0] * 4, "long_factor": [2.0] * 4})
+    raise ValueError(family)
+
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3")
+
+
+def write_tiny_model(family: str, out: Path, seed: int = 0) -> Path:
+    """A tiny random model plus a byte-level tokenizer, saved so ``AutoModelForCausalLM`` loads it offline."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = tiny_config(family)
+    model = AutoModelForCausalLM.from_config(config)
+    # Random init leaves RMSNorm weights at 1 (or 0 for Gemma's 1+w): perturb so norms matter in tests.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    write_byte_tokenizer(out)
+    return out
+
+
+def write_byte_tokenizer(out: Path) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"<{i}>" if i < 2 else bytes_to_unicode_char(i): i for i in range(VOCAB)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<1>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<0>", bos_token="<0>", unk_token="<1>", pad_token="<0>")
+    fast.save_pretrained(out)
+
+
+def bytes_to_unicode_char(i: int) -> str:
+    return chr(i)
