@@ -169,26 +169,45 @@ class KVTCCodec:
             rows.append(torch.cat(parts, dim=1))
         return torch.cat(rows)
 
-    def _encode_group(self, kind: str, g: int, kv, geo: CacheGeometry) -> list[tuple[str, bytes]]:
-        x = self._group_rows(kind, g, kv, geo)
+    def encode_rows(self, kind: str, g: int, x: torch.Tensor) -> CodedRows:
+        """Rows ``[N, p]`` (keys already un-rotated) -> packed codes and fp16 metadata per quantized group."""
         basis, mean = self.bases[(kind, g)].to(x.device), self.means[(kind, g)].to(x.device)
         alloc = self.allocations[(kind, g)]
-        used = max((q.start + q.size for q in alloc if q.qtype != "none"), default=0)
-        coords = (x - mean) @ basis[:, :used]
-        codes: dict[str, list[torch.Tensor]] = {}
-        meta: list[torch.Tensor] = []
+        used = used_rank(alloc)
+        coords = (x.float() - mean) @ basis[:, :used]
+        groups = []
         for q in alloc:
             if q.qtype == "none":
                 continue
             qg = quantize(coords[:, q.start : q.start + q.size], q.qtype)
-            codes.setdefault(q.qtype, []).append(qg.codes.reshape(-1))
-            meta.append(qg.scale)
-            if q.qtype != "fp8":
-                meta.append(qg.shift)
+            groups.append((q, pack_codes(qg.codes, PAYLOAD_BITS[q.qtype]), qg.shift, qg.scale))
+        return CodedRows(x.shape[0], groups)
+
+    def decode_coords(self, kind: str, g: int, rows: CodedRows, device) -> torch.Tensor:
+        """Dequantized PCA coordinates ``[N, used_rank]`` (pruned coordinates are zero)."""
+        coords = torch.zeros(rows.n, used_rank(self.allocations[(kind, g)]), device=device)
+        for q, packed, shift, scale in rows.groups:
+            codes = unpack_codes(packed.to(device), PAYLOAD_BITS[q.qtype], rows.n * q.size).reshape(rows.n, q.size)
+            coords[:, q.start : q.start + q.size] = dequantize(QuantizedGroup(codes, shift.to(device), scale.to(device)), q.qtype)
+        return coords
+
+    def reconstruct_layer(self, kind: str, g: int, coords: torch.Tensor, layer: int) -> torch.Tensor:
+        """One layer's slice of the decoded vectors, ``[N, heads, head_dim]`` (keys still un-rotated)."""
+        sl = self._layer_slices(kind, g)[layer]
+        basis = self.bases[(kind, g)][sl, : coords.shape[1]].to(coords.device)
+        x = coords @ basis.T + self.means[(kind, g)][sl].to(coords.device)
+        return x.reshape(coords.shape[0], self.layout.num_kv_heads, self._head_dim(kind))
+
+    def _encode_group(self, kind: str, g: int, kv, geo: CacheGeometry) -> list[tuple[str, bytes]]:
+        rows = self.encode_rows(kind, g, self._group_rows(kind, g, kv, geo))
+        # Sections per quantizer type keep similar symbols together, which zstd codes best.
+        meta = [t for q, _, shift, scale in rows.groups for t in ((scale,) if q.qtype == "fp8" else (scale, shift))]
         out = [(f"{kind}{g}.meta", tensor_bytes(torch.cat(meta)) if meta else b"")]
-        for qtype in sorted(codes):
-            packed = pack_codes(torch.cat(codes[qtype]), PAYLOAD_BITS[qtype])
-            out.append((f"{kind}{g}.{qtype}", packed.cpu().numpy().tobytes()))
+        by_type: dict[str, list[torch.Tensor]] = {}
+        for q, packed, _, _ in rows.groups:
+            by_type.setdefault(q.qtype, []).append(packed)
+        for qtype in sorted(by_type):
+            out.append((f"{kind}{g}.{qtype}", tensor_bytes(torch.cat(by_type[qtype]))))
         return out
 
     def _header(self, geo: CacheGeometry) -> dict:
@@ -320,22 +339,18 @@ class KVTCCodec:
 
     def _decode_group(self, kind: str, g: int, sections, geo: CacheGeometry, kv, device) -> None:
         n = geo.middle_tokens
-        alloc = self.allocations[(kind, g)]
-        used = max((q.start + q.size for q in alloc if q.qtype != "none"), default=0)
-        coords = torch.zeros(n, used, device=device)
-        meta = torch.frombuffer(bytearray(sections[f"{kind}{g}.meta"]), dtype=torch.float16).to(device) if used else None
-        unpacked = {}
-        for qtype in {q.qtype for q in alloc if q.qtype != "none"}:
-            count = sum(q.size for q in alloc if q.qtype == qtype) * n
-            buf = torch.frombuffer(bytearray(sections[f"{kind}{g}.{qtype}"]), dtype=torch.uint8)
-            unpacked[qtype] = [unpack_codes(buf, PAYLOAD_BITS[qtype], count).to(device), 0]
-        mpos = 0
-        for q in alloc:
+        meta = torch.frombuffer(bytearray(sections[f"{kind}{g}.meta"]), dtype=torch.float16) if sections[f"{kind}{g}.meta"] else None
+        offsets: dict[str, int] = {}
+        buffers = {name.split(".", 1)[1]: torch.frombuffer(bytearray(data), dtype=torch.uint8)
+                   for name, data in sections.items() if name.startswith(f"{kind}{g}.") and data and not name.endswith(".meta")}
+        groups, mpos = [], 0
+        for q in self.allocations[(kind, g)]:
             if q.qtype == "none":
                 continue
-            buf = unpacked[q.qtype]
-            codes = buf[0][buf[1] : buf[1] + n * q.size].reshape(n, q.size)
-            buf[1] += n * q.size
+            nbytes = packed_size(n * q.size, PAYLOAD_BITS[q.qtype])
+            start = offsets.get(q.qtype, 0)
+            packed = buffers[q.qtype][start : start + nbytes]
+            offsets[q.qtype] = start + nbytes
             scale = meta[mpos : mpos + n]
             mpos += n
             if q.qtype == "fp8":
@@ -343,24 +358,20 @@ class KVTCCodec:
             else:
                 shift = meta[mpos : mpos + n]
                 mpos += n
-            coords[:, q.start : q.start + q.size] = dequantize(QuantizedGroup(codes, shift, scale), q.qtype)
-        basis, mean = self.bases[(kind, g)].to(device), self.means[(kind, g)].to(device)
-        x = coords @ basis[:, :used].T + mean
+            groups.append((q, packed, shift, scale))
+        coords = self.decode_coords(kind, g, CodedRows(n, groups), device)
         row = 0
-        slices = self._layer_slices(kind, g)
-        hd = self._head_dim(kind)
         for item in range(geo.batch):
             lo, hi = geo.middle(item)
             if hi <= lo:
                 continue
-            block = x[row : row + hi - lo]
-            row += hi - lo
-            for layer, sl in slices.items():
-                t = block[:, sl].reshape(hi - lo, self.layout.num_kv_heads, hd).permute(1, 0, 2)[None]
+            for layer in self.groups[g]:
+                t = self.reconstruct_layer(kind, g, coords[row : row + hi - lo], layer).permute(1, 0, 2)[None]
                 if kind == "k":
                     t = self.adapter.rotate_keys(t, layer, self._positions(geo, item, lo, hi, device))
                 target = kv[layer][0 if kind == "k" else 1]
                 target[item, :, lo:hi] = t[0].to(target.dtype)
+            row += hi - lo
 
     # --- accounting ---------------------------------------------------------------------------------------
     def stats(self, blob: bytes) -> dict:
@@ -384,6 +395,22 @@ class KVTCCodec:
             "whole_ratio": whole_bf16 / len(blob),
             "target_ratio": self.ratio,
         }
+
+
+@dataclass
+class CodedRows:
+    """``n`` token rows of one PCA group, coded: per quantized group its packed codes, fp16 shift and scale."""
+
+    n: int
+    groups: list[tuple[QuantGroup, torch.Tensor, torch.Tensor, torch.Tensor]]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for _, packed, shift, scale in self.groups
+                   for t in ((packed, scale) if _.qtype == "fp8" else (packed, shift, scale)))
+
+
+def used_rank(alloc: tuple[QuantGroup, ...]) -> int:
+    return max((q.start + q.size for q in alloc if q.qtype != "none"), default=0)
 
 
 def tensor_bytes(t: torch.Tensor) -> bytes:

@@ -65,17 +65,30 @@ def _sanitize_input(x: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num(x.float(), nan=0.0, posinf=FP16_MAX, neginf=-FP16_MAX)
 
 
+def _fp16_step(h: torch.Tensor, direction: int) -> torch.Tensor:
+    """The next fp16 above (direction +1) or below (-1) each value of ``h``.
+
+    Done on the bit patterns rather than with ``torch.nextafter``, whose CUDA kernel lacks float16 before
+    torch 2.6: fp16 is sign-magnitude, so mapping it to a signed integer order makes a step a +-1.
+    """
+    bits = h.view(torch.int16).to(torch.int32)
+    magnitude = bits & 0x7FFF
+    ordered = torch.where(bits < 0, -magnitude, magnitude) + direction
+    stepped = torch.where(ordered < 0, -ordered - 0x8000, ordered)  # back to the int16 value of sign | magnitude
+    return stepped.to(torch.int16).view(torch.float16)
+
+
 def _fp16_round_down(v: torch.Tensor) -> torch.Tensor:
-    """Largest finite fp16 <= v (v float32, already within the fp16 range)."""
+    """Largest finite fp16 <= v (v float32)."""
     h = v.clamp(-FP16_MAX, FP16_MAX).to(torch.float16)
-    h = torch.where(h.float() > v, torch.nextafter(h, torch.full_like(h, -float("inf"))), h)
+    h = torch.where(h.float() > v, _fp16_step(h, -1), h)
     return h.clamp(-FP16_MAX, FP16_MAX)
 
 
 def _fp16_round_up(v: torch.Tensor) -> torch.Tensor:
     """Smallest finite fp16 >= v (v float32, non-negative)."""
     h = v.clamp(0.0, FP16_MAX).to(torch.float16)
-    h = torch.where(h.float() < v, torch.nextafter(h, torch.full_like(h, float("inf"))), h)
+    h = torch.where(h.float() < v, _fp16_step(h, 1), h)
     return h.clamp(0.0, FP16_MAX)
 
 
@@ -134,7 +147,9 @@ def _finite_or_zero(v: torch.Tensor) -> torch.Tensor:
 
 def _check_group_shapes(q: QuantizedGroup) -> None:
     if q.codes.dtype != torch.uint8 or q.codes.dim() != 2:
-        raise BitstreamError(f"quantized codes must be uint8 [tokens, size], got {q.codes.dtype} {tuple(q.codes.shape)}")
+        raise BitstreamError(
+            f"quantized codes must be uint8 [tokens, size], got {q.codes.dtype} {tuple(q.codes.shape)}"
+        )
     n = q.codes.shape[0]
     if q.shift.shape != (n,) or q.scale.shape != (n,):
         raise BitstreamError(

@@ -83,9 +83,11 @@ def _checked_qtypes(qtypes: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def _block_errors(blocks: torch.Tensor, qtype: str) -> torch.Tensor:
-    """Squared error of each row of ``blocks`` [rows, g] under ``qtype``: float32 [rows]."""
+    """Squared error of each row of ``blocks`` [rows, g] under ``qtype``: [rows]."""
     if qtype == "none":
-        return blocks.square().sum(dim=1)
+        # In float64 the squares of float32 values are exact, so pruning a block costs the sum of pruning its
+        # parts to ~1e-16: allocate_bits relies on that additivity to merge pruned groups without losing anything.
+        return blocks.double().square().sum(dim=1)
     return (fake_quantize(blocks, qtype) - blocks).square_().sum(dim=1)
 
 
@@ -138,8 +140,10 @@ def _check_table(table: DistortionTable) -> None:
     for g in table.sizes:
         values = table.table[g]
         if tuple(values.shape) != (table.r // g, len(table.qtypes)):
-            raise ValueError(f"distortions for size {g} have shape {tuple(values.shape)}, "
-                             f"expected {(table.r // g, len(table.qtypes))}")
+            raise ValueError(
+                f"distortions for size {g} have shape {tuple(values.shape)}, "
+                f"expected {(table.r // g, len(table.qtypes))}"
+            )
         if not bool(torch.isfinite(values).all()) or bool((values < 0).any()):
             raise ValueError(f"distortions for size {g} must be finite and non-negative")
 
@@ -282,7 +286,7 @@ def allocate_bits(table: DistortionTable, budget_bits: float, max_states: int = 
     # Measured tables are additive for pruning, so re-tiling only moves the total by rounding noise; a table
     # that is not (hand-made, say) keeps the DP's own groups rather than losing optimality.
     chosen_distortion, retiled_distortion = total_distortion(chosen), total_distortion(retiled)
-    if retiled_distortion <= chosen_distortion * (1 + 1e-9) + 1e-300:
+    if retiled_distortion <= chosen_distortion * (1 + 1e-9):
         chosen, chosen_distortion = retiled, retiled_distortion
     allocation = BitAllocation(
         groups=tuple(chosen),
