@@ -9,16 +9,18 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+from transformers import AutoConfig
 
 from kvcal import __version__
 from kvcal.adapters import adapter_for
 from kvcal.artifact import ARTIFACT_FORMAT, ARTIFACT_VERSION, Artifact, allocation_table, model_fingerprint, ratio_key
 from kvcal.capture import CaptureSpec, capture_kv_statistics
 from kvcal.data import bundled_corpus, bundled_model, load_texts, token_windows
+from kvcal.errors import DataError
 from kvcal.fit.bits import allocate_bits, budget_for_ratio, measure_distortions
 from kvcal.fit.budgets import arithmetic_weights, attention_weights
 from kvcal.fit.pca import fit_pca_basis
-from kvcal.models import load_model
+from kvcal.models import check_model_dir, load_model
 from kvcal.recipe import Recipe, load_recipe
 
 
@@ -62,17 +64,21 @@ def calibrate(
     """Calibrate ``model_dir`` (default: the bundled reference model) and write its artifact atomically."""
     t0 = time.time()
     model_dir = Path(model_dir) if model_dir else bundled_model()
+    # Everything a user can get wrong is checked before the (slow) model load.
+    if model is None:
+        check_model_dir(model_dir)
+        model_type = AutoConfig.from_pretrained(model_dir, local_files_only=True).get_text_config(decoder=True).model_type
+    else:
+        model_type = model.config.get_text_config(decoder=True).model_type
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe, model_type, **overrides)
+    texts = load_texts(data or [bundled_corpus("calib")])
     if model is None:
         model, tokenizer = load_model(model_dir, device)
     adapter = adapter_for(model)
     layout = adapter.layout()
-    if not isinstance(recipe, Recipe):
-        recipe = load_recipe(recipe, model.config.get_text_config(decoder=True).model_type, **overrides)
-    texts = load_texts(data or [bundled_corpus("calib")])
     windows = token_windows(tokenizer, texts, recipe.seq_len, recipe.max_tokens)
     if windows.shape[0] < 2:
-        from kvcal.errors import DataError
-
         raise DataError(
             f"calibration data gives {windows.shape[0]} sequence of {recipe.seq_len} tokens; kvcal needs at least 2 "
             "(one held out to measure quantization error): give more text"

@@ -41,8 +41,16 @@ def check_model_dir(model_dir: str | Path) -> Path:
         raise ModelError(f"{cfg_file} is not valid JSON ({e}); re-export the model") from None
     archs = cfg.get("architectures") or []
     model_type = cfg.get("text_config", {}).get("model_type") if "text_config" in cfg else cfg.get("model_type")
-    if archs and not any(a.endswith("ForCausalLM") for a in archs):
-        raise ModelError(f"{path} is a {', '.join(archs)}, not a causal LM; kvcal needs a *ForCausalLM model")
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    # The saved architecture says what the checkpoint is (a BERT encoder is not causal even though a causal
+    # BERT class exists); only without one do we fall back on whether the family has a causal-LM class.
+    if archs:
+        causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+    else:
+        causal = model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    if not causal:
+        raise ModelError(f"{path} holds a {', '.join(archs) or model_type}, not a causal LM; kvcal needs a *ForCausalLM model")
     if model_type not in ADAPTERS:
         raise ModelError(
             f"unsupported architecture {model_type!r} in {path}; kvcal supports {', '.join(supported_model_types())}"
@@ -53,7 +61,9 @@ def check_model_dir(model_dir: str | Path) -> Path:
 def load_model(model_dir: str | Path, device: str | torch.device = "auto", dtype: torch.dtype | None = None):
     """``(model, tokenizer)`` from a local directory; never touches the network."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # kvcal shows its own progress; weight loading is quick and noisy
     path = check_model_dir(model_dir)
     dev = resolve_device(device) if isinstance(device, str) else device
     try:

@@ -219,4 +219,7 @@ def test_allocation_on_measured_table_prunes_the_tail() -> None:
     allocation = allocate_bits(table, budget_for_ratio(256, 16))
     assert_valid(allocation, table)
     assert allocation.used_rank() < 256
-    assert all(g.qtype == "none" for g in allocation.groups if g.start >= allocation.used_rank())
+    tail = [g for g in allocation.groups if g.start >= allocation.used_rank()]
+    assert all(g.qtype == "none" for g in tail)
+    # Pruned runs come back as the fewest aligned groups, not as hundreds of size-1 pieces.
+    assert len(tail) <= 15 + 3 + 3

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from kvcal.codec.quantize import (
+    FP16_MAX,
     META_BITS,
     PAYLOAD_BITS,
     QUANT_TYPES,
@@ -18,6 +19,7 @@ from kvcal.codec.quantize import (
     quantize,
     unpack_codes,
 )
+from kvcal.codec.quantize import _fp16_step as fp16_step
 from kvcal.errors import BitstreamError
 
 INT_TYPES = {"int2": 2, "int4": 4, "int8": 8}
@@ -166,3 +168,12 @@ def test_dequantize_rejects_mismatched_metadata() -> None:
     q = quantize(sample_rows(n=4), "int4")
     with pytest.raises(BitstreamError):
         dequantize(QuantizedGroup(q.codes, q.shift[:3], q.scale), "int4")
+
+
+def test_fp16_step_matches_nextafter_on_every_finite_half() -> None:
+    every = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    finite = every[torch.isfinite(every) & (every.float().abs() < FP16_MAX)]
+    for direction, target in ((1, float("inf")), (-1, -float("inf"))):
+        expected = torch.nextafter(finite, torch.full_like(finite, target))  # float16 nextafter exists on CPU
+        # Compared as values: stepping up from the smallest negative subnormal gives +0 here, -0 in nextafter.
+        assert torch.equal(fp16_step(finite, direction), expected)

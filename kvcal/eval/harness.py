@@ -1,0 +1,383 @@
+"""The rate–quality harness: every cache method, on the same windows, against the uncompressed cache.
+
+For each text window the prefix is prefilled once (its last token held back), every method turns that cache
+into the one the model continues from, and the continuation is teacher-forced through it at true positions:
+every scored prediction goes through the method's cache. The needle probe does the same on its contexts.
+Both controls are always measured: the full cache (``uncompressed``) and the middle evicted (sink + window
+only, no budget). Ratios compare the middle tokens only (see ``kvcal.eval.methods.base``) and aggregate bytes
+over every cache a method compressed (perplexity windows and needle contexts).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from kvcal.adapters import adapter_for
+from kvcal.artifact import Artifact
+from kvcal.capture import last_queries
+from kvcal.data import token_stream
+from kvcal.errors import ArtifactError, DataError
+from kvcal.eval.methods import CacheMethod, MethodContext, Prefilled, get_method, method_names
+from kvcal.eval.methods.eviction import StreamingLLM
+from kvcal.eval.methods.ragged import is_ragged, ragged_attention
+from kvcal.eval.methods.transform import KvtcPyramidKV
+from kvcal.eval.retrieval import NeedleProbe, NeedleTrial
+from kvcal.eval.scoring import continue_from, prefill
+
+DEFAULT_RATIOS = (4.0, 8.0, 16.0, 32.0, 64.0, 128.0)
+# The headline's quality bar: perplexity within 1% of the full cache, needle accuracy within one point.
+MAX_PPL_DELTA_PCT = 1.0
+MAX_RETRIEVAL_DROP = 0.01
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    prefix: int = 768  # tokens before the continuation; the last one is fed after the method
+    continuation: int = 128
+    sink: int = 4
+    window: int = 128
+    windows: int = 16  # perplexity windows drawn evenly from the data
+    needles: int = 16  # needle probe trials (0: no retrieval)
+    needle_context: int = 1024
+    obs_window: int = 32  # last prefill queries that score tokens for eviction
+    seed: int = 0
+
+    def validate(self) -> EvalSettings:
+        if self.continuation < 1 or self.windows < 0 or self.needles < 0:
+            raise DataError("--continuation must be >= 1, --windows and --needles >= 0")
+        if self.windows == 0 and self.needles == 0:
+            raise DataError("nothing to measure: --windows and --needles are both 0")
+        for name, length in (("--prefix", self.prefix), ("the needle context", self.needle_context)):
+            if length - 1 <= self.sink + self.window:
+                raise DataError(f"{name} ({length} tokens) leaves no middle tokens after sink {self.sink} and window "
+                                f"{self.window}; lengthen it or shrink --window")
+        return self
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    method: CacheMethod
+    ratio: float | None
+
+    @property
+    def label(self) -> str:
+        return self.method.name if self.ratio is None else f"{self.method.name}@{self.ratio:g}"
+
+    def detail(self, ctx: MethodContext) -> str:
+        if isinstance(self.method, KvtcPyramidKV):
+            codec_ratio, keep = self.method.plan(ctx, self.ratio)
+            return f"codec {codec_ratio:g}x, keeps {keep:.2f} of middle"
+        return ""
+
+
+@dataclass
+class Tally:
+    nll: float = 0.0
+    tokens: int = 0
+    hits: int = 0
+    needle_tokens: int = 0
+    stored_bytes: int = 0
+    bf16_bytes: int = 0
+    seconds: float = 0.0
+
+    @property
+    def ppl(self) -> float | None:
+        return math.exp(self.nll / self.tokens) if self.tokens else None
+
+    @property
+    def accuracy(self) -> float | None:
+        return self.hits / self.needle_tokens if self.needle_tokens else None
+
+    @property
+    def ratio(self) -> float | None:
+        return self.bf16_bytes / self.stored_bytes if self.stored_bytes else None
+
+
+@dataclass(frozen=True)
+class EvalRow:
+    method: str
+    target_ratio: float | None  # None for fixed-rate methods
+    measured_ratio: float | None  # bf16 middle bytes / stored middle bytes
+    ppl: float | None
+    ppl_delta_pct: float | None  # vs the uncompressed cache on the same windows
+    retrieval: float | None  # needle token accuracy
+    stored_bytes: int
+    bf16_bytes: int
+    seconds: float
+    detail: str = ""
+
+
+@dataclass
+class EvalReport:
+    model: str
+    artifact: str | None
+    settings: EvalSettings
+    ppl_uncompressed: float | None
+    ppl_evicted: float | None
+    retrieval_full: float | None
+    retrieval_evicted: float | None
+    rows: list[EvalRow] = field(default_factory=list)
+
+    def passes(self, row: EvalRow) -> bool:
+        """The headline's bar, on whichever measures were run."""
+        if row.measured_ratio is None:
+            return False
+        if row.ppl_delta_pct is not None and row.ppl_delta_pct > MAX_PPL_DELTA_PCT:
+            return False
+        if row.retrieval is not None and row.retrieval < self.retrieval_full - MAX_RETRIEVAL_DROP:
+            return False
+        return True
+
+    def headline(self) -> dict[str, float | None]:
+        """Per method: the highest measured ratio whose row passes the quality bar (None if none does)."""
+        best: dict[str, float | None] = {}
+        for row in self.rows:
+            best.setdefault(row.method, None)
+            if self.passes(row) and (best[row.method] is None or row.measured_ratio > best[row.method]):
+                best[row.method] = row.measured_ratio
+        return best
+
+    def to_json(self) -> dict:
+        return {
+            "model": self.model,
+            "artifact": self.artifact,
+            "settings": asdict(self.settings),
+            "controls": {
+                "ppl_uncompressed": self.ppl_uncompressed,
+                "ppl_middle_evicted": self.ppl_evicted,
+                "retrieval_full_cache": self.retrieval_full,
+                "retrieval_middle_evicted": self.retrieval_evicted,
+            },
+            "rows": [asdict(r) for r in self.rows],
+            "headline": {
+                "criteria": {"max_ppl_delta_pct": MAX_PPL_DELTA_PCT, "max_retrieval_drop": MAX_RETRIEVAL_DROP,
+                             "measures": [m for m, v in (("ppl", self.ppl_uncompressed), ("retrieval", self.retrieval_full))
+                                          if v is not None]},
+                "best_ratio_by_method": self.headline(),
+            },
+        }
+
+    def save_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_json(), indent=2) + "\n")
+
+    def table(self) -> str:
+        s = self.settings
+        lines = [f"kvcal eval: {self.model}" + (f" (artifact {self.artifact})" if self.artifact else "")]
+        lines.append(f"perplexity: {s.windows} windows of {s.prefix} + {s.continuation} tokens; needle probe: "
+                     f"{s.needles} trials of {s.needle_context} tokens; sink {s.sink}, window {s.window} kept exact")
+        lines.append(f"controls: ppl full {_fmt(self.ppl_uncompressed, '.3f')}, middle evicted {_fmt(self.ppl_evicted, '.3f')}; "
+                     f"needle accuracy full {_fmt(self.retrieval_full, '.3f')}, middle evicted {_fmt(self.retrieval_evicted, '.3f')}")
+        lines.append("")
+        lines.append(f"{'method':<16}{'target':>8}{'measured':>10}{'ppl':>10}{'Δppl %':>10}{'needle':>8}  detail")
+        for r in self.rows:
+            lines.append(f"{r.method:<16}{_fmt(r.target_ratio, 'g'):>8}{_fmt(r.measured_ratio, '.2f'):>10}"
+                         f"{_fmt(r.ppl, '.3f'):>10}{_fmt(r.ppl_delta_pct, '+.2f'):>10}{_fmt(r.retrieval, '.3f'):>8}  {r.detail}")
+        lines.append("")
+        lines.append(f"highest measured ratio with Δppl <= {MAX_PPL_DELTA_PCT:g}% and needle accuracy within "
+                     f"{MAX_RETRIEVAL_DROP:g} of the full cache:")
+        for method, ratio in self.headline().items():
+            lines.append(f"  {method:<16}{_fmt(ratio, '.2f') + 'x' if ratio else 'none'}")
+        return "\n".join(lines)
+
+    def plot(self, path: str | Path) -> Path:
+        return plot_rate_quality([self], path)
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def plot_rate_quality(reports: Sequence[EvalReport], path: str | Path) -> Path:
+    """Δppl % and needle accuracy against measured ratio (log x), one line per method, one column per report."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, len(reports), figsize=(6.5 * len(reports), 8), squeeze=False)
+    for col, report in enumerate(reports):
+        top, bottom = axes[0][col], axes[1][col]
+        by_method: dict[str, list[EvalRow]] = {}
+        for r in report.rows:
+            if r.measured_ratio is not None:
+                by_method.setdefault(r.method, []).append(r)
+        for method, rows in by_method.items():
+            rows = sorted(rows, key=lambda r: r.measured_ratio)
+            x = [r.measured_ratio for r in rows]
+            style = dict(marker="o", label=method, linewidth=1.5 if method.startswith("kvtc") else 1.0)
+            if rows[0].ppl_delta_pct is not None:
+                top.plot(x, [r.ppl_delta_pct for r in rows], **style)
+            if rows[0].retrieval is not None:
+                bottom.plot(x, [r.retrieval for r in rows], **style)
+        top.axhline(MAX_PPL_DELTA_PCT, color="grey", linestyle=":", linewidth=1)
+        top.set_yscale("symlog", linthresh=1.0)
+        top.set_ylabel("perplexity increase vs full cache (%)")
+        top.set_title(report.model)
+        if report.retrieval_full is not None:
+            bottom.axhline(report.retrieval_full, color="black", linestyle="--", linewidth=1, label="full cache")
+            bottom.axhline(report.retrieval_evicted, color="red", linestyle="--", linewidth=1, label="middle evicted")
+        bottom.set_ylabel("needle token accuracy")
+        bottom.set_ylim(-0.02, 1.02)
+        for ax in (top, bottom):
+            ax.set_xscale("log")
+            ax.set_xlabel("measured compression ratio of the middle tokens (bf16 / stored)")
+            ax.grid(True, which="both", alpha=0.3)
+        bottom.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+# --- running ------------------------------------------------------------------------------------------------
+def plan_runs(methods: Sequence[str] | None, ratios: Sequence[float] | None, ctx: MethodContext) -> list[RunSpec]:
+    """Every (method, ratio) to run, checked before any work; ``uncompressed`` always comes first (the baseline)."""
+    explicit = bool(methods)
+    names = list(dict.fromkeys(methods)) if explicit else method_names()
+    chosen = [get_method(n) for n in names]
+    if ctx.artifact is None:
+        needing = [m.name for m in chosen if m.needs_artifact]
+        if needing and not explicit:
+            free = ", ".join(m.name for m in chosen if not m.needs_artifact)
+            raise ArtifactError(f"no calibration artifact: {', '.join(needing)} need one; run `kvcal calibrate` on the "
+                                f"model, pass --artifact, or choose --method among {free}")
+    if ratios:
+        ratio_list = [float(r) for r in ratios]
+    else:
+        ratio_list = list(ctx.artifact.ratios) if ctx.artifact is not None else list(DEFAULT_RATIOS)
+    if "uncompressed" not in names:
+        chosen.insert(0, get_method("uncompressed"))
+    specs = []
+    for m in chosen:
+        for r in (ratio_list if m.takes_ratio else [None]):
+            m.check(ctx, r)
+            specs.append(RunSpec(m, r))
+    return specs
+
+
+def perplexity_windows(tokenizer, texts: list[str], settings: EvalSettings) -> torch.Tensor:
+    """``[windows, prefix + continuation]`` non-overlapping token windows spread evenly over the data."""
+    span = settings.prefix + settings.continuation
+    stream = token_stream(tokenizer, texts)
+    if settings.windows == 0:
+        return torch.empty(0, span, dtype=torch.long)
+    if stream.numel() < span * settings.windows:
+        raise DataError(f"evaluation data has {stream.numel()} tokens, fewer than {settings.windows} windows of {span}; "
+                        "give more text or fewer --windows")
+    stride = (stream.numel() - span) // max(settings.windows - 1, 1)
+    return torch.stack([stream[i * stride : i * stride + span] for i in range(settings.windows)])
+
+
+def needle_trials(tokenizer, texts: list[str], settings: EvalSettings) -> list[NeedleTrial]:
+    if settings.needles == 0:
+        return []
+    probe = NeedleProbe(context_len=settings.needle_context, trials=settings.needles, seed=settings.seed)
+    return probe.build(tokenizer, texts)
+
+
+@torch.no_grad()
+def prefill_with_queries(model, ctx: MethodContext, ids: torch.Tensor) -> Prefilled:
+    """Prefill ``ids`` ``[1, n]`` and keep every layer's last ``obs_window`` pre-RoPE queries for eviction scores."""
+    with last_queries(ctx.adapter, range(ctx.layout.num_layers), ctx.obs_window) as queries:
+        cache = prefill(model, ids)
+    return Prefilled(cache, dict(queries), ids.shape[1])
+
+
+@torch.no_grad()
+def logits_after(model, ctx: MethodContext, cache, feed: torch.Tensor, start: int) -> torch.Tensor:
+    """Logits ``[n, vocab]`` for ``feed`` fed after ``cache`` at positions ``start``…"""
+    ragged = ragged_attention(model) if is_ragged(cache, ctx.coded_layers) else nullcontext()
+    with ragged:
+        return continue_from(model, cache, feed[None], start)[0]
+
+
+@dataclass(frozen=True)
+class Scored:
+    nll: float
+    hits: int
+
+
+def score(model, ctx: MethodContext, cache, feed: torch.Tensor, targets: torch.Tensor, start: int) -> Scored:
+    logits = logits_after(model, ctx, cache, feed, start)
+    targets = targets.to(logits.device)
+    nll = float(F.cross_entropy(logits, targets, reduction="sum"))
+    return Scored(nll, int((logits.argmax(-1) == targets).sum()))
+
+
+def evaluate(
+    model,
+    tokenizer,
+    texts: list[str],
+    methods: Sequence[str] | None = None,
+    ratios: Sequence[float] | None = None,
+    artifact: Artifact | None = None,
+    settings: EvalSettings = EvalSettings(),
+    progress: bool = True,
+    model_name: str = "",
+) -> EvalReport:
+    """Run every method at every ratio on the same perplexity windows and needle trials."""
+    settings.validate()
+    adapter = adapter_for(model)
+    layout = adapter.layout()
+    if artifact is not None:
+        artifact.check_model(model, layout)
+    ctx = MethodContext(model, adapter, layout, settings.sink, settings.window, artifact, settings.obs_window)
+    specs = plan_runs(methods, ratios, ctx)
+    control = RunSpec(StreamingLLM(), math.inf)  # keeps no middle token: the "middle evicted" control
+    windows = perplexity_windows(tokenizer, texts, settings)
+    trials = needle_trials(tokenizer, texts, settings)
+    tallies = {spec: Tally() for spec in [*specs, control]}
+
+    bar = tqdm(total=(len(windows) + len(trials)) * len(tallies), desc="eval", unit="run", disable=not progress)
+    for ids in windows:
+        context, continuation = ids[: settings.prefix], ids[settings.prefix :]
+        feed = torch.cat([context[-1:], continuation[:-1]])
+        _run_all(model, ctx, tallies, prefill_with_queries(model, ctx, context[None, :-1].to(model.device)),
+                 feed, continuation, settings.prefix - 1, is_needle=False, bar=bar)
+    for trial in trials:
+        feed = torch.cat([trial.context[-1:], trial.target[:-1]])
+        _run_all(model, ctx, tallies, prefill_with_queries(model, ctx, trial.context[None, :-1].to(model.device)),
+                 feed, trial.target, trial.context.numel() - 1, is_needle=True, bar=bar)
+    bar.close()
+
+    base = tallies[specs[0]]
+    rows = []
+    for spec in specs:
+        t = tallies[spec]
+        delta = 100.0 * (t.ppl / base.ppl - 1.0) if t.ppl is not None else None
+        rows.append(EvalRow(spec.method.name, spec.ratio, t.ratio, t.ppl, delta, t.accuracy, t.stored_bytes,
+                            t.bf16_bytes, round(t.seconds, 3), spec.detail(ctx)))
+    art_name = str(artifact.path) if artifact is not None and artifact.path else None
+    return EvalReport(model_name, art_name, settings, base.ppl, tallies[control].ppl, base.accuracy,
+                      tallies[control].accuracy, rows)
+
+
+def _run_all(model, ctx: MethodContext, tallies: dict[RunSpec, Tally], pre: Prefilled, feed: torch.Tensor,
+             targets: torch.Tensor, start: int, is_needle: bool, bar) -> None:
+    feed = feed.to(model.device)
+    for spec, tally in tallies.items():
+        t0 = time.perf_counter()
+        out = spec.method.apply(pre, ctx, spec.ratio)
+        scored = score(model, ctx, out.cache, feed, targets, start)
+        tally.seconds += time.perf_counter() - t0
+        tally.stored_bytes += out.stored_bytes
+        tally.bf16_bytes += out.bf16_bytes
+        if is_needle:
+            tally.hits += scored.hits
+            tally.needle_tokens += targets.numel()
+        else:
+            tally.nll += scored.nll
+            tally.tokens += targets.numel()
+        bar.update(1)

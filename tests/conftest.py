@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from fixtures import FAMILIES, write_tiny_model  # noqa: E402
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+EVAL_CORPUS = Path(__file__).resolve().parents[1] / "artifacts" / "corpus" / "eval.jsonl"
+TINY_CAL = dict(seq_len=256, max_tokens=256 * 12, ratios=(2, 4, 8), window=32, heldout_tokens=1024)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """Tiny random models of every family, written once per session: {family: dir}."""
+    root = tmp_path_factory.mktemp("tiny")
+    return {f: write_tiny_model(f, root / f) for f in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def calibrated(tiny_models):
+    """Calibrate a tiny model once per session and family; returns its directory."""
+    import kvcal
+
+    done: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in done:
+            kvcal.calibrate(tiny_models[family], data=[EVAL_CORPUS], device="cpu", progress=False, **TINY_CAL)
+            done[family] = tiny_models[family]
+        return done[family]
+
+    return get

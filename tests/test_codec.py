@@ -1,0 +1,157 @@
+"""Round trips through the KVTC codec: exactness of sinks/window, ratios, determinism, batches, hostile bytes."""
+
+import random
+
+import pytest
+import torch
+from fixtures import FAMILIES
+
+import kvcal
+from kvcal.errors import BitstreamError, KvcalError, RatioError
+from kvcal.models import load_model
+
+SINK, WINDOW = 4, 32
+
+
+def prefill(model_dir, n=200, batch=2, seed=0, mask=None):
+    model, _ = load_model(model_dir, "cpu")
+    ids = torch.randint(2, 128, (batch, n), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        cache = model(input_ids=ids, attention_mask=mask, use_cache=True).past_key_values
+    return model, cache
+
+
+def rel_error(a, b):
+    return float((a.float() - b.float()).norm() / a.float().norm())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_round_trip_exact_ends_and_ratio(calibrated, family):
+    model_dir = calibrated(family)
+    model, cache = prefill(model_dir)
+    errors = []
+    for ratio in (2, 4, 8):
+        codec = kvcal.load(model_dir, ratio=ratio, model=model)
+        blob = codec.compress(cache)
+        restored = codec.decompress(blob)
+        stats = codec.stats(blob)
+        assert stats["middle_ratio"] >= 0.9 * ratio, (family, ratio, stats["middle_ratio"])
+        err = 0.0
+        for layer, (a, b) in enumerate(zip(cache.layers, restored.layers)):
+            for x, y in ((a.keys, b.keys), (a.values, b.values)):
+                assert x.shape == y.shape and x.dtype == y.dtype
+                if layer in codec.layout.exact_layers:
+                    assert torch.equal(x, y)
+                    continue
+                assert torch.equal(x[:, :, :SINK], y[:, :, :SINK])
+                assert torch.equal(x[:, :, -WINDOW:], y[:, :, -WINDOW:])
+                err = max(err, rel_error(x[:, :, SINK:-WINDOW], y[:, :, SINK:-WINDOW]))
+        errors.append(err)
+    assert errors[0] < errors[1] < errors[2], errors  # error grows with the ratio
+
+
+def test_determinism_and_config_only_codec(calibrated):
+    model_dir = calibrated("qwen3")
+    model, cache = prefill(model_dir)
+    with_model = kvcal.load(model_dir, ratio=4, model=model)
+    without = kvcal.load(model_dir, ratio=4)
+    blob = with_model.compress(cache)
+    assert blob == with_model.compress(cache) == without.compress(cache)
+    for a, b in zip(with_model.decompress(blob).layers, without.decompress(blob).layers):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_caches(calibrated, dtype):
+    model_dir = calibrated("llama")
+    model, cache = prefill(model_dir)
+    kv = [(layer.keys.to(dtype), layer.values.to(dtype)) for layer in cache.layers]
+    codec = kvcal.load(model_dir, ratio=2, model=model)
+    restored = codec.decompress(codec.compress(kv))
+    for (k, v), lay in zip(kv, restored.layers):
+        assert lay.keys.dtype == dtype
+        assert torch.equal(k[:, :, :SINK], lay.keys[:, :, :SINK]) and torch.equal(v[:, :, -WINDOW:], lay.values[:, :, -WINDOW:])
+        assert rel_error(k, lay.keys) < 0.5
+
+
+def test_left_padded_batch_matches_unpadded_rows(calibrated):
+    model_dir = calibrated("llama")
+    model, _ = load_model(model_dir, "cpu")
+    gen = torch.Generator().manual_seed(3)
+    long, short = torch.randint(2, 128, (1, 200), generator=gen), torch.randint(2, 128, (1, 150), generator=gen)
+    pad = 200 - 150
+    ids = torch.cat([long, torch.cat([torch.zeros(1, pad, dtype=torch.long), short], 1)])
+    mask = torch.ones(2, 200, dtype=torch.long)
+    mask[1, :pad] = 0
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    codec = kvcal.load(model_dir, ratio=4, model=model)
+    with torch.no_grad():
+        batched = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True).past_key_values
+        alone = model(input_ids=short, use_cache=True).past_key_values
+    restored_b = codec.decompress(codec.compress(batched, attention_mask=mask))
+    restored_a = codec.decompress(codec.compress(alone))
+    for lb, la, orig in zip(restored_b.layers, restored_a.layers, batched.layers):
+        assert torch.equal(lb.keys[1, :, :pad], torch.zeros_like(lb.keys[1, :, :pad]))  # pads are not stored
+        assert torch.equal(lb.keys[1, :, pad : pad + SINK], orig.keys[1, :, pad : pad + SINK])
+        assert torch.allclose(lb.keys[1, :, pad:], la.keys[0], atol=1e-3, rtol=1e-3)
+
+
+def test_cache_restores_on_requested_device_and_shapes_are_checked(calibrated):
+    model_dir = calibrated("llama")
+    model, cache = prefill(model_dir)
+    codec = kvcal.load(model_dir, ratio=4, model=model)
+    restored = codec.decompress(codec.compress(cache), device="cpu")
+    assert restored.layers[0].keys.device.type == "cpu"
+    bad = [(layer.keys[:, :1], layer.values[:, :1]) for layer in cache.layers]
+    with pytest.raises(KvcalError, match="do not match the artifact"):
+        codec.compress(bad)
+    with pytest.raises(RatioError, match="not in this artifact"):
+        kvcal.load(model_dir, ratio=3, model=model)
+
+
+def test_foreign_blob_is_refused(calibrated):
+    llama_dir, mistral_dir = calibrated("llama"), calibrated("mistral")
+    model, cache = prefill(llama_dir)
+    blob = kvcal.load(llama_dir, ratio=4, model=model).compress(cache)
+    with pytest.raises(BitstreamError, match="another artifact"):
+        kvcal.load(mistral_dir, ratio=4).decompress(blob)
+    with pytest.raises(BitstreamError, match="ratio"):
+        kvcal.load(llama_dir, ratio=8).decompress(blob)
+
+
+def test_fuzzed_blobs_raise_only_bitstream_errors(calibrated):
+    model_dir = calibrated("llama")
+    model, cache = prefill(model_dir, n=120, batch=1)
+    codec = kvcal.load(model_dir, ratio=4, model=model)
+    blob = codec.compress(cache)
+    rng = random.Random(0)
+    for _ in range(400):
+        data = bytearray(blob)
+        op = rng.randrange(4)
+        if op == 0:
+            data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+        elif op == 1:
+            del data[rng.randrange(len(data)) :]
+        elif op == 2:
+            i = rng.randrange(len(data))
+            data[i : i + 8] = rng.randbytes(8)
+        else:
+            data.insert(rng.randrange(len(data)), rng.randrange(256))
+        try:
+            codec.decompress(bytes(data))
+        except BitstreamError:
+            continue
+
+
+def test_hostile_header_with_valid_checksum(calibrated):
+    from kvcal.codec.bitstream import read_blob, write_blob
+
+    model_dir = calibrated("llama")
+    model, cache = prefill(model_dir, n=120, batch=1)
+    codec = kvcal.load(model_dir, ratio=4, model=model)
+    header, sections = read_blob(codec.compress(cache))
+    for field, value in (("batch", 10**9), ("seq_len", -1), ("dtype", "float64"), ("pads", [5000]),
+                         ("layer_lens", [1, 2]), ("sink", "4")):
+        forged = write_blob({**header, field: value}, list(sections.items()))
+        with pytest.raises(BitstreamError):
+            codec.decompress(forged)
