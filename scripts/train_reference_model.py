@@ -72,10 +72,13 @@ def make_config(family: str, vocab_size: int, eos_id: int, ctx: int):
 class CopyMix:
     """Training sequences: plain windows, or windows in which spans recur far from where they first appear."""
 
-    def __init__(self, stream: torch.Tensor, word_ids: list[list[int]], seq_len: int, seed: int, plain_share: float):
+    def __init__(self, stream: torch.Tensor, word_ids: list[list[int]], seq_len: int, seed: int, plain_share: float,
+                 copies: tuple[int, int] = (4, 16), random_word_share: float = 0.5):
         self.stream, self.word_ids, self.T = stream, word_ids, seq_len
         self.rng = random.Random(seed)
         self.plain_share = plain_share
+        self.min_copies, self.max_copies = copies
+        self.random_word_share = random_word_share
 
     def window(self, n: int) -> list[int]:
         s = self.rng.randrange(0, self.stream.numel() - n)
@@ -91,14 +94,14 @@ class CopyMix:
         seq = self.window(self.T)
         if self.rng.random() < self.plain_share:
             return seq
-        for _ in range(self.rng.randint(2, 12)):
+        for _ in range(self.rng.randint(self.min_copies, self.max_copies)):
             L = self.rng.randint(16, 64)
             src = self.rng.randrange(0, self.T // 2)
             kind = self.rng.random()
-            if kind < 0.35:
+            if kind < self.random_word_share:
                 span = self.random_words(L)
                 seq[src : src + L] = span
-            elif kind < 0.6:
+            elif kind < self.random_word_share + 0.2:
                 span = self.window(L)
                 seq[src : src + L] = span
             else:
@@ -147,7 +150,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--lr", type=float, default=1.5e-3)
     ap.add_argument("--vocab", type=int, default=4096)
-    ap.add_argument("--plain-share", type=float, default=0.3)
+    ap.add_argument("--plain-share", type=float, default=0.15)
+    ap.add_argument("--copies", type=int, nargs=2, default=(4, 16), help="min and max copied spans per copy sequence")
+    ap.add_argument("--random-word-share", type=float, default=0.5, help="share of copied spans that are random words")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--ckpt-every", type=int, default=50)
@@ -188,16 +193,24 @@ def main() -> None:
         return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
 
     step, elapsed, log = 0, 0.0, []
+    phases: list[dict] = []
     ckpt = work / "checkpoint.pt"
     if ckpt.exists():
         state = torch.load(ckpt, weights_only=False)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         step, elapsed, log = state["step"], state["elapsed"], state["log"]
+        # Runs before data-mix phases were recorded used the first mix: plain 25%, 2-12 copies, 35% random words.
+        phases = state.get("phases", [{"from_step": 0, "plain_share": 0.25, "copies": [2, 12], "random_word_share": 0.35, "lr": args.lr}])
         random.setstate(state["py_rng"])
         torch.set_rng_state(state["torch_rng"])
         print(f"resumed at step {step} ({elapsed / 60:.1f} min)", flush=True)
-    mix = CopyMix(stream, word_ids, args.seq_len, seed=args.seed * 1000 + step, plain_share=args.plain_share)
+    phase = {"from_step": step, "plain_share": args.plain_share, "copies": list(args.copies),
+             "random_word_share": args.random_word_share, "lr": args.lr}
+    if not phases or {k: v for k, v in phases[-1].items() if k != "from_step"} != {k: v for k, v in phase.items() if k != "from_step"}:
+        phases.append(phase)
+    mix = CopyMix(stream, word_ids, args.seq_len, seed=args.seed * 1000 + step, plain_share=args.plain_share,
+                  copies=tuple(args.copies), random_word_share=args.random_word_share)
 
     model.train()
     t0 = time.time() - elapsed
@@ -224,7 +237,7 @@ def main() -> None:
             print(json.dumps(row), flush=True)
         if step % args.ckpt_every == 0:
             torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "elapsed": time.time() - t0,
-                        "log": log, "py_rng": random.getstate(), "torch_rng": torch.get_rng_state()}, work / "tmp.pt")
+                        "log": log, "phases": phases, "py_rng": random.getstate(), "torch_rng": torch.get_rng_state()}, work / "tmp.pt")
             (work / "tmp.pt").replace(ckpt)
     wall = time.time() - t0
 
@@ -242,6 +255,7 @@ def main() -> None:
         "final_train_loss": round(final_train, 4), "heldout_loss": round(held, 4), "heldout_ppl": round(math.exp(held), 2),
         "unigram_heldout_loss": round(uni, 4), "unigram_heldout_ppl": round(math.exp(uni), 2),
         "needle_full_cache": round(full, 4), "needle_middle_evicted": round(ev, 4),
+        "data_phases": phases,
         "heldout_windows": int(heldout.shape[0]), "needle_trials": len(trials), "seed": args.seed,
     }
     (args.out / "model_card.json").write_text(json.dumps(card, indent=2) + "\n")
@@ -270,9 +284,11 @@ Not a general-purpose model.
 | needle probe, middle evicted (4 sinks + last 128) | {card['needle_middle_evicted']:.3f} token accuracy |
 
 **Training data.** `artifacts/corpus/train.jsonl.xz`: the CPython 3.11 documentation sources (English prose)
-and standard-library modules (code), PSF License 2.0. {int(args.plain_share * 100)}% of sequences are plain
-windows; the rest repeat 2-12 spans of 16-64 tokens (their own text, foreign text, or runs of random words)
-at least 64 tokens after they first appear, so the model learns to use the middle of its context.
+and standard-library modules (code), PSF License 2.0. A share of sequences are plain windows; the rest repeat
+spans of 16-64 tokens (runs of random words, foreign text, or their own text) at least 64 tokens after they
+first appear, so the model learns to use the middle of its context. Mix phases (from `model_card.json`):
+
+{chr(10).join(f"- from step {p['from_step']}: {int(p['plain_share'] * 100)}% plain, {p['copies'][0]}-{p['copies'][1]} copied spans per copy sequence, {int(p['random_word_share'] * 100)}% of them random words, peak lr {p['lr']}" for p in card['data_phases'])}
 
 **Needle probe.** `kvcal.eval.retrieval.NeedleProbe` (seed 1, {card['needle_trials']} trials): a 32-token run of
 random words planted at the middle of a {card['seq_len']}-token context from the eval split; its first 8 tokens are
