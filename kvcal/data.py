@@ -68,22 +68,25 @@ def load_texts(paths: list[str | Path]) -> list[str]:
     return texts
 
 
-def token_stream(tokenizer, texts: list[str]) -> torch.Tensor:
-    """All texts tokenized and joined with the EOS token (when there is one) into one 1-D tensor."""
+def token_stream(tokenizer, texts: list[str], max_tokens: int | None = None) -> torch.Tensor:
+    """Texts tokenized and joined with the EOS token (when there is one) into one 1-D tensor.
+
+    Stops once ``max_tokens`` are reached, so a huge corpus is never tokenized (or held) whole.
+    """
     eos = tokenizer.eos_token_id
     ids: list[int] = []
     for t in texts:
         ids.extend(tokenizer(t, add_special_tokens=False)["input_ids"])
         if eos is not None:
             ids.append(eos)
-    return torch.tensor(ids, dtype=torch.long)
+        if max_tokens is not None and len(ids) >= max_tokens:
+            break
+    return torch.tensor(ids[:max_tokens] if max_tokens is not None else ids, dtype=torch.long)
 
 
 def token_windows(tokenizer, texts: list[str], seq_len: int, max_tokens: int | None = None) -> torch.Tensor:
     """Non-overlapping windows of ``seq_len`` tokens, ``[n, seq_len]``, at most ``max_tokens`` in all."""
-    stream = token_stream(tokenizer, texts)
-    if max_tokens is not None:
-        stream = stream[: max(seq_len, max_tokens)]
+    stream = token_stream(tokenizer, texts, None if max_tokens is None else max(seq_len, max_tokens))
     n = stream.numel() // seq_len
     if n == 0:
         raise DataError(
