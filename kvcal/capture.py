@@ -126,7 +126,7 @@ def attention_entropy(
 ) -> torch.Tensor:
     """Entropy ``[b, heads, w]`` of each of the last ``w`` queries' causal attention over the whole context."""
     w, n = queries.shape[-2], keys.shape[-2]
-    q = adapter.rotate_keys(queries, layer, positions[:, n - w :])
+    q = adapter.rotate_queries(queries, layer, positions[:, n - w :])
     k = keys.float()
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     scores = torch.matmul(q, k.transpose(-1, -2)) * adapter.attention_scale(layer)
@@ -162,14 +162,15 @@ def capture_kv_statistics(
         positions = torch.arange(seq_len, device=device)[None].expand(b, -1)
         pre_k, vals = {}, {}
         for layer in range(layout.num_layers):
-            keys = cache.layers[layer].keys
+            keys, values = cache.layers[layer].keys, cache.layers[layer].values
             if keys.shape[-2] == seq_len:  # sliding layers may hold fewer tokens: no attention stats for them
-                ent = attention_entropy(adapter, layer, queries[layer], keys, positions)
+                attn_keys = adapter.attention_keys(layer, keys, values)
+                ent = attention_entropy(adapter, layer, queries[layer], attn_keys, positions)
                 attention.entropy_sum[layer] += ent.double().sum().cpu()
                 attention.count[layer] += ent.numel()
             if layer in coded:
                 pre_k[layer] = adapter.unrotate_keys(keys, layer, positions)[:, :, spec.sink :]
-                vals[layer] = cache.layers[layer].values.float()[:, :, spec.sink :]
+                vals[layer] = values.float()[:, :, spec.sink :]
         held = (start // batch_size) % spec.heldout_every == spec.heldout_every - 1
         for g, layers in enumerate(spec.groups):
             for kind, per_layer in (("k", pre_k), ("v", vals)):

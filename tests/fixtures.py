@@ -10,10 +10,10 @@ from pathlib import Path
 import torch
 
 VOCAB = 128
-COMMON = dict(
-    vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, max_position_embeddings=1024, bos_token_id=0, eos_token_id=0, pad_token_id=0,
-)
+COMMON = {
+    "vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "max_position_embeddings": 1024, "bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0,
+}
 
 
 def tiny_config(family: str):
@@ -40,9 +40,24 @@ def tiny_config(family: str):
         return tf.Phi3Config(**COMMON, partial_rotary_factor=0.5, rope_parameters={
             "rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 256,
             "short_factor": [1.0] * 4, "long_factor": [2.0] * 4})
+    if family in MLA_FAMILIES:
+        # MLA with tiny latents; like DeepSeek-V3: interleaved rotary pairs, YaRN whose attention factor is not 1,
+        # q LoRA and a routed-MoE layer. The "_halves" variant covers the other branches (rotate_half, no q LoRA).
+        interleaved = family == "deepseek_v3"
+        rope = ({"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 256,
+                 "mscale": 1.0, "mscale_all_dim": 0.8, "beta_fast": 32.0, "beta_slow": 1.0}
+                if interleaved else {"rope_type": "default", "rope_theta": 10000.0})
+        return tf.DeepseekV3Config(**{**COMMON, "num_key_value_heads": 4}, kv_lora_rank=32,
+                                   q_lora_rank=24 if interleaved else None, qk_nope_head_dim=16, qk_rope_head_dim=8,
+                                   v_head_dim=12, rope_interleave=interleaved, rope_parameters=rope,
+                                   first_k_dense_replace=1 if interleaved else 2, moe_intermediate_size=16,
+                                   n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, n_group=2,
+                                   topk_group=1, num_mtp_layers=0)
     raise ValueError(family)
 
 
+# Not in FAMILIES: transformers caches MLA's latent, whose "keys" carry no RoPE (see tests/test_mla.py).
+MLA_FAMILIES = ("deepseek_v3", "deepseek_v3_halves")
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3")
 
 

@@ -6,10 +6,13 @@ from torch import nn
 
 from kvcal.adapters.base import KVLayout, ModelAdapter
 from kvcal.adapters.families import Gemma2Adapter, Gemma3Adapter, LlamaAdapter, Phi3Adapter, QkNormAdapter
+from kvcal.adapters.mla import DeepseekV3Adapter
 from kvcal.errors import ModelError
 
 ADAPTERS: dict[str, type[ModelAdapter]] = {
-    t: cls for cls in (LlamaAdapter, QkNormAdapter, Gemma2Adapter, Gemma3Adapter, Phi3Adapter) for t in cls.model_types
+    t: cls
+    for cls in (LlamaAdapter, QkNormAdapter, Gemma2Adapter, Gemma3Adapter, Phi3Adapter, DeepseekV3Adapter)
+    for t in cls.model_types
 }
 
 
@@ -40,7 +43,7 @@ def adapter_for_config(config) -> ModelAdapter:
     pkg = text.model_type.removesuffix("_text")
     module = importlib.import_module(f"transformers.models.{pkg}.modeling_{pkg}")
     names = [n for n in dir(module) if n.endswith("RotaryEmbedding") and n.lower().startswith(pkg.replace("_", ""))]
-    rotary = getattr(module, sorted(names, key=len)[0])(config=text)
+    rotary = getattr(module, min(names, key=len))(config=text)
 
     class RotaryHost(nn.Module):
         def __init__(self):

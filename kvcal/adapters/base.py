@@ -5,6 +5,8 @@ An adapter never re-implements a family's rotary embedding. It asks the model's 
 Llama-3 scaling, YaRN and LongRoPE with their attention factor, dynamic) is undone exactly: the cached key
 is ``k' = k*cos + rotate_half(k)*sin`` on the first ``rotary_dim`` dims, and since ``cos`` and ``sin`` may
 both carry an attention factor ``a``, the inverse is ``(k'*cos - rotate_half(k')*sin) / (cos^2 + sin^2)``.
+Models whose pre-RoPE rotary dims come in adjacent pairs (DeepSeek's ``rope_interleave``) rotate them into
+``rotate_half``'s halves layout; ``interleaved`` makes the adapter de-interleave before and re-interleave after.
 """
 
 from __future__ import annotations
@@ -38,10 +40,22 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def deinterleave(x: torch.Tensor) -> torch.Tensor:
+    """Pairs ``(x0, x1), (x2, x3), ...`` -> halves ``(x0, x2, ..., x1, x3, ...)``."""
+    return torch.cat((x[..., 0::2], x[..., 1::2]), dim=-1)
+
+
+def interleave(x: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``deinterleave``."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.stack((x1, x2), dim=-1).flatten(-2)
+
+
 class ModelAdapter:
     """Base adapter: Llama-style attention with separate q/k/v projections and no q/k norm."""
 
     model_types: ClassVar[tuple[str, ...]] = ()
+    interleaved: bool = False  # pre-RoPE rotary dims are adjacent pairs that the model rotates into halves
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -101,7 +115,9 @@ class ModelAdapter:
         head, tail = x[..., :rot], x[..., rot:]
         if inverse:
             head = (head * cos - rotate_half(head) * sin) / (cos * cos + sin * sin)
+            head = interleave(head) if self.interleaved else head
         else:
+            head = deinterleave(head) if self.interleaved else head
             head = head * cos + rotate_half(head) * sin
         return torch.cat((head, tail), dim=-1)
 
@@ -112,6 +128,15 @@ class ModelAdapter:
     def rotate_keys(self, keys: torch.Tensor, layer_idx: int, positions: torch.Tensor) -> torch.Tensor:
         """Pre-RoPE keys -> keys as the model caches them, float32."""
         return self._apply(keys, layer_idx, positions, inverse=False)
+
+    # --- attention as the model computes it (capture's attention statistics) ----------------------------
+    def rotate_queries(self, queries: torch.Tensor, layer_idx: int, positions: torch.Tensor) -> torch.Tensor:
+        """Pre-RoPE queries (``split_query`` output) -> queries as attention sees them, float32."""
+        return self.rotate_keys(queries, layer_idx, positions)
+
+    def attention_keys(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """One layer's cached ``(keys, values)`` -> the rotated keys ``[b, kv_heads, n, head_dim]`` attention uses."""
+        return keys
 
     # --- pre-RoPE projections (for capture of queries and for verifying the inversion) -------------------
     def query_source(self, layer_idx: int) -> nn.Module:
