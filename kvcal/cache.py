@@ -133,9 +133,8 @@ class KVTCCache(Cache):
                 parts = []
                 for layer in layers:
                     lay = self.layers[layer]
-                    t = (lay.keys if kind == "k" else lay.values)[:, :, lo:hi].float()
-                    if kind == "k":
-                        t = codec.adapter.unrotate_keys(t, layer, positions[None].expand(t.shape[0], -1))
+                    t = (lay.keys if kind == "k" else lay.values)[:, :, lo:hi]
+                    t = codec.adapter.position_free(kind, t, layer, positions[None].expand(t.shape[0], -1))
                     parts.append(t.permute(0, 2, 1, 3).reshape(t.shape[0] * n, -1))
                 rows[(kind, g)] = codec.encode_rows(kind, g, torch.cat(parts, dim=1))
         for layer in self.coded_layers:
@@ -154,10 +153,9 @@ class KVTCCache(Cache):
             coords = self.middle.coords(kind, g, device)
             x = codec.reconstruct_layer(kind, g, coords, layer)  # [batch*n, h, d], block-major
             x = self._block_major_to_batch(x, batch)  # [b, h, n, d]
-            if kind == "k":
-                positions = torch.cat([torch.arange(s, s + self._block_len(i), device=device)
-                                       for i, s in enumerate(self.middle.block_starts)])
-                x = codec.adapter.rotate_keys(x, layer, positions[None].expand(batch, -1))
+            positions = torch.cat([torch.arange(s, s + self._block_len(i), device=device)
+                                   for i, s in enumerate(self.middle.block_starts)])
+            x = codec.adapter.at_positions(kind, x, layer, positions[None].expand(batch, -1))
             out.append(x.to(dtype))
         if layer == self.last_coded_layer:
             self.middle.drop_decoded()  # decoded coordinates live for one forward step only

@@ -129,6 +129,23 @@ class ModelAdapter:
         """Pre-RoPE keys -> keys as the model caches them, float32."""
         return self._apply(keys, layer_idx, positions, inverse=False)
 
+    def unrotate_values(self, values: torch.Tensor, layer_idx: int, positions: torch.Tensor) -> torch.Tensor:
+        """Cached values -> position-free values; values carry no RoPE except in MLA's cache layout."""
+        return values.float()
+
+    def rotate_values(self, values: torch.Tensor, layer_idx: int, positions: torch.Tensor) -> torch.Tensor:
+        return values.float()
+
+    def position_free(self, kind: str, x: torch.Tensor, layer_idx: int, positions: torch.Tensor) -> torch.Tensor:
+        """Keys (``kind="k"``) or values (``"v"``) as cached -> the position-free vectors PCA is fitted on."""
+        fn = self.unrotate_keys if kind == "k" else self.unrotate_values
+        return fn(x, layer_idx, positions)
+
+    def at_positions(self, kind: str, x: torch.Tensor, layer_idx: int, positions: torch.Tensor) -> torch.Tensor:
+        """Inverse of ``position_free``: re-apply RoPE where the cache holds rotated vectors."""
+        fn = self.rotate_keys if kind == "k" else self.rotate_values
+        return fn(x, layer_idx, positions)
+
     # --- attention as the model computes it (capture's attention statistics) ----------------------------
     def rotate_queries(self, queries: torch.Tensor, layer_idx: int, positions: torch.Tensor) -> torch.Tensor:
         """Pre-RoPE queries (``split_query`` output) -> queries as attention sees them, float32."""

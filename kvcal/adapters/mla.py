@@ -61,6 +61,14 @@ class DeepseekV3Adapter(ModelAdapter):
         """The cached shared rotary key (``layer.values``) -> pre-RoPE ``k_pe`` as ``kv_a_proj_with_mqa`` gives it."""
         return self._apply(k_rot, layer_idx, positions, inverse=True)
 
+    # transformers caches MLA's shared rotary key part in the *values* slot: un-rotate it there, so the value
+    # basis is fitted on (and codes) position-free vectors like every other family's keys.
+    def unrotate_values(self, values: torch.Tensor, layer_idx: int, positions: torch.Tensor) -> torch.Tensor:
+        return self.unrotate_rope_keys(values, layer_idx, positions)
+
+    def rotate_values(self, values: torch.Tensor, layer_idx: int, positions: torch.Tensor) -> torch.Tensor:
+        return self._apply(values, layer_idx, positions, inverse=False)
+
     def attention_keys(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         return self.attention(layer_idx).expand_kv(keys, values)[0]
 

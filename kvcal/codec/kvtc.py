@@ -162,9 +162,8 @@ class KVTCCodec:
                 continue
             parts = []
             for layer in self.groups[g]:
-                t = kv[layer][0 if kind == "k" else 1][item : item + 1, :, lo:hi].float()
-                if kind == "k":
-                    t = self.adapter.unrotate_keys(t, layer, self._positions(geo, item, lo, hi, t.device))
+                t = kv[layer][0 if kind == "k" else 1][item : item + 1, :, lo:hi]
+                t = self.adapter.position_free(kind, t, layer, self._positions(geo, item, lo, hi, t.device))
                 parts.append(t[0].permute(1, 0, 2).reshape(hi - lo, -1))
             rows.append(torch.cat(parts, dim=1))
         return torch.cat(rows)
@@ -367,8 +366,7 @@ class KVTCCodec:
                 continue
             for layer in self.groups[g]:
                 t = self.reconstruct_layer(kind, g, coords[row : row + hi - lo], layer).permute(1, 0, 2)[None]
-                if kind == "k":
-                    t = self.adapter.rotate_keys(t, layer, self._positions(geo, item, lo, hi, device))
+                t = self.adapter.at_positions(kind, t, layer, self._positions(geo, item, lo, hi, device))
                 target = kv[layer][0 if kind == "k" else 1]
                 target[item, :, lo:hi] = t[0].to(target.dtype)
             row += hi - lo
