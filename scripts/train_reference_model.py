@@ -21,7 +21,6 @@ import math
 import random
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 import torch

@@ -28,7 +28,7 @@ def test_calibrate_every_family_writes_a_valid_artifact(calibrated, family):
         assert key in fp
     assert fp["num_layers"] == layout.num_layers
     for kind in ("k", "v"):
-        for g, layers in enumerate(art.groups):
+        for g, _layers in enumerate(art.groups):
             basis = art.basis(kind, g)
             assert torch.allclose(basis.T @ basis, torch.eye(basis.shape[1]), atol=1e-5)  # orthonormal columns
             bits = [sum(q.size for q in art.allocation(kind, g, r) if q.qtype != "none") for r in art.ratios]

@@ -23,7 +23,16 @@ from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 from kvcal.adapters import KVLayout, ModelAdapter
 from kvcal.artifact import Artifact, ratio_key
 from kvcal.codec.bitstream import Limits, read_blob, require_int, require_list, require_str, section_sizes, write_blob
-from kvcal.codec.quantize import PAYLOAD_BITS, QuantGroup, QuantizedGroup, dequantize, pack_codes, packed_size, quantize, unpack_codes
+from kvcal.codec.quantize import (
+    PAYLOAD_BITS,
+    QuantGroup,
+    QuantizedGroup,
+    dequantize,
+    pack_codes,
+    packed_size,
+    quantize,
+    unpack_codes,
+)
 from kvcal.errors import BitstreamError, KvcalError
 
 BLOB_KIND = "kvcal-kvtc"

@@ -6,7 +6,7 @@ RoPE is applied at ``position_ids`` while the causal mask follows the cache's ow
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from transformers import DynamicCache
