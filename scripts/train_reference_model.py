@@ -72,12 +72,13 @@ class CopyMix:
     """Training sequences: plain windows, or windows in which spans recur far from where they first appear."""
 
     def __init__(self, stream: torch.Tensor, word_ids: list[list[int]], seq_len: int, seed: int, plain_share: float,
-                 copies: tuple[int, int] = (4, 16), random_word_share: float = 0.5):
+                 copies: tuple[int, int] = (4, 16), random_word_share: float = 0.5, repeat_share: float = 0.0):
         self.stream, self.word_ids, self.T = stream, word_ids, seq_len
         self.rng = random.Random(seed)
         self.plain_share = plain_share
         self.min_copies, self.max_copies = copies
         self.random_word_share = random_word_share
+        self.repeat_share = repeat_share
 
     def window(self, n: int) -> list[int]:
         s = self.rng.randrange(0, self.stream.numel() - n)
@@ -89,9 +90,22 @@ class CopyMix:
             out.extend(self.rng.choice(self.word_ids))
         return out[:n]
 
+    def repeat_sequence(self) -> list[int]:
+        """A run of random words recurring 2-4 times between stretches of text: every recurrence is
+        predictable only by looking it up earlier in the context, the cleanest signal for induction heads."""
+        run = self.random_words(self.rng.randint(48, 192))
+        seq: list[int] = []
+        while len(seq) < self.T:
+            seq.extend(self.window(self.rng.randint(0, 320)))
+            seq.extend(run)
+        return seq[: self.T]
+
     def sequence(self) -> list[int]:
+        u = self.rng.random()
+        if u < self.repeat_share:
+            return self.repeat_sequence()
         seq = self.window(self.T)
-        if self.rng.random() < self.plain_share:
+        if u < self.repeat_share + self.plain_share:
             return seq
         for _ in range(self.rng.randint(self.min_copies, self.max_copies)):
             L = self.rng.randint(16, 64)
@@ -151,6 +165,7 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--plain-share", type=float, default=0.15)
     ap.add_argument("--copies", type=int, nargs=2, default=(4, 16), help="min and max copied spans per copy sequence")
+    ap.add_argument("--repeat-share", type=float, default=0.4, help="share of sequences that repeat one run of random words")
     ap.add_argument("--random-word-share", type=float, default=0.5, help="share of copied spans that are random words")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0)
@@ -205,11 +220,12 @@ def main() -> None:
         torch.set_rng_state(state["torch_rng"])
         print(f"resumed at step {step} ({elapsed / 60:.1f} min)", flush=True)
     phase = {"from_step": step, "plain_share": args.plain_share, "copies": list(args.copies),
-             "random_word_share": args.random_word_share, "lr": args.lr}
+             "random_word_share": args.random_word_share, "repeat_share": args.repeat_share, "lr": args.lr,
+             "schedule_steps": args.steps}
     if not phases or {k: v for k, v in phases[-1].items() if k != "from_step"} != {k: v for k, v in phase.items() if k != "from_step"}:
         phases.append(phase)
     mix = CopyMix(stream, word_ids, args.seq_len, seed=args.seed * 1000 + step, plain_share=args.plain_share,
-                  copies=tuple(args.copies), random_word_share=args.random_word_share)
+                  copies=tuple(args.copies), random_word_share=args.random_word_share, repeat_share=args.repeat_share)
 
     model.train()
     t0 = time.time() - elapsed
@@ -287,7 +303,7 @@ and standard-library modules (code), PSF License 2.0. A share of sequences are p
 spans of 16-64 tokens (runs of random words, foreign text, or their own text) at least 64 tokens after they
 first appear, so the model learns to use the middle of its context. Mix phases (from `model_card.json`):
 
-{chr(10).join(f"- from step {p['from_step']}: {int(p['plain_share'] * 100)}% plain, {p['copies'][0]}-{p['copies'][1]} copied spans per copy sequence, {int(p['random_word_share'] * 100)}% of them random words, peak lr {p['lr']}" for p in card['data_phases'])}
+{chr(10).join(f"- from step {p['from_step']}: {int(p['plain_share'] * 100)}% plain, {p['copies'][0]}-{p['copies'][1]} copied spans per copy sequence, {int(p['random_word_share'] * 100)}% of them random words, {int(p.get('repeat_share', 0) * 100)}% of sequences repeating one run of random words 2-4 times, peak lr {p['lr']}, cosine over {p.get('schedule_steps', 1400)} steps" for p in card['data_phases'])}
 
 **Needle probe.** `kvcal.eval.retrieval.NeedleProbe` (seed 1, {card['needle_trials']} trials): a 32-token run of
 random words planted at the middle of a {card['seq_len']}-token context from the eval split; its first 8 tokens are
