@@ -169,6 +169,7 @@ def main() -> None:
     ap.add_argument("--random-word-share", type=float, default=0.5, help="share of copied spans that are random words")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--init-from", type=Path, help="start from these committed weights (fresh optimizer) to train on")
     ap.add_argument("--ckpt-every", type=int, default=50)
     ap.add_argument("--eval-every", type=int, default=250)
     args = ap.parse_args()
@@ -197,6 +198,13 @@ def main() -> None:
 
     config = make_config(args.family, len(tok), eos, args.seq_len)
     model = AutoModelForCausalLM.from_config(config)
+    if args.init_from and not (work / "checkpoint.pt").exists():
+        from safetensors.torch import load_file
+
+        # Tied embeddings are saved once; strict=False lets the tied lm_head pick them up.
+        missing = model.load_state_dict(load_file(str(args.init_from / "model.safetensors")), strict=False).missing_keys
+        if [k for k in missing if k != "lm_head.weight"]:
+            raise SystemExit(f"--init-from {args.init_from} lacks weights: {missing}")
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
     warmup = min(100, args.steps // 10)
 
@@ -271,6 +279,7 @@ def main() -> None:
         "unigram_heldout_loss": round(uni, 4), "unigram_heldout_ppl": round(math.exp(uni), 2),
         "needle_full_cache": round(full, 4), "needle_middle_evicted": round(ev, 4),
         "data_phases": phases,
+        "initialized_from": (json.loads((args.init_from / "model_card.json").read_text()) if args.init_from else None),
         "heldout_windows": int(heldout.shape[0]), "needle_trials": len(trials), "seed": args.seed,
     }
     (args.out / "model_card.json").write_text(json.dumps(card, indent=2) + "\n")
