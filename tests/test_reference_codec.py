@@ -43,9 +43,8 @@ def test_round_trip_at_several_ratios(reference):
 
 
 def test_generate_with_kvtc_cache_matches_dynamic_cache(reference):
-    model_dir, model, tok, _ = reference
-    prompt = load_texts([bundled_corpus("eval")])[3][:1200]
-    ids = tok(prompt, return_tensors="pt")["input_ids"][:, :240]
+    model_dir, model, tok, stream = reference
+    ids = stream[2000:2300][None]
     mask = torch.ones_like(ids)
     ref = model.generate(ids, attention_mask=mask, max_new_tokens=20, min_new_tokens=20, do_sample=False)
     cache = KVTCCache(kvcal.load(model_dir, ratio=8, model=model), config=model.config)
