@@ -49,17 +49,18 @@ def snapkv_scores(pre: Prefilled, ctx: MethodContext, layer: int, pool_kernel: i
     n = pre.length
     queries = pre.queries[layer][:, :, -ctx.obs_window :]
     w = queries.shape[2]
-    q = ctx.adapter.rotate_keys(queries, layer, pre.positions(n - w, n))
-    keys = pre.cache.layers[layer].keys.float()
-    b, kv_heads = keys.shape[:2]
-    groups = q.shape[1] // kv_heads
-    scores = torch.matmul(q, keys.repeat_interleave(groups, dim=1).transpose(-1, -2)) * ctx.adapter.attention_scale(layer)
+    q = ctx.adapter.rotate_queries(queries, layer, pre.positions(n - w, n))
+    lay = pre.cache.layers[layer]
+    # The keys attention sees: the cache itself, except in layouts (MLA) that cache a latent to expand.
+    keys = ctx.adapter.attention_keys(layer, lay.keys, lay.values).float()
+    scores = torch.matmul(q, keys.repeat_interleave(q.shape[1] // keys.shape[1], dim=1).transpose(-1, -2))
     causal = torch.arange(n, device=q.device)[None, :] > torch.arange(n - w, n, device=q.device)[:, None]
-    attn = scores.masked_fill(causal, float("-inf")).softmax(-1).sum(2)  # [b, q_heads, n]
-    per_kv_head = attn.view(b, kv_heads, groups, n).sum(2)[..., lo:hi]
+    attn = (scores * ctx.adapter.attention_scale(layer)).masked_fill(causal, float("-inf")).softmax(-1).sum(2)
+    b, cache_heads = lay.keys.shape[:2]  # attention summed over the query heads that read each cached head
+    per_cache_head = attn.view(b, cache_heads, -1, n).sum(2)[..., lo:hi]
     m = hi - lo
-    pooled = F.max_pool1d(per_kv_head.reshape(b * kv_heads, 1, m), pool_kernel, stride=1, padding=pool_kernel // 2)
-    return pooled.reshape(b, kv_heads, m)
+    pooled = F.max_pool1d(per_cache_head.reshape(b * cache_heads, 1, m), pool_kernel, stride=1, padding=pool_kernel // 2)
+    return pooled.reshape(b, cache_heads, m)
 
 
 def keep_middle(t: torch.Tensor, lo: int, hi: int, idx: torch.Tensor) -> torch.Tensor:

@@ -25,21 +25,20 @@ KINDS = ("k", "v")
 
 
 def group_rows(ctx: MethodContext, pre: Prefilled, kind: str, g: int) -> torch.Tensor:
-    """Middle tokens of PCA group ``g`` as rows ``[batch * middle, p]`` (keys un-rotated), like the codec."""
+    """Middle tokens of PCA group ``g`` as rows ``[batch * middle, p]``, position-free like the codec's."""
     lo, hi = ctx.middle(pre.length)
     parts = []
     for layer in ctx.artifact.groups[g]:
         lay = pre.cache.layers[layer]
-        t = (lay.keys if kind == "k" else lay.values)[:, :, lo:hi].float()
-        if kind == "k":
-            t = ctx.adapter.unrotate_keys(t, layer, pre.positions(lo, hi))
+        t = (lay.keys if kind == "k" else lay.values)[:, :, lo:hi]
+        t = ctx.adapter.position_free(kind, t, layer, pre.positions(lo, hi))
         b, h, m, d = t.shape
         parts.append(t.permute(0, 2, 1, 3).reshape(b * m, h * d))
     return torch.cat(parts, dim=1)
 
 
 def rows_to_layers(ctx: MethodContext, pre: Prefilled, kind: str, g: int, rows: torch.Tensor) -> dict[int, torch.Tensor]:
-    """Inverse of ``group_rows``: ``{layer: [b, heads, middle, d]}``, keys rotated back to their positions."""
+    """Inverse of ``group_rows``: ``{layer: [b, heads, middle, d]}``, RoPE re-applied at their positions."""
     lo, hi = ctx.middle(pre.length)
     b, m = pre.cache.layers[0].keys.shape[0], hi - lo
     out, col = {}, 0
@@ -48,7 +47,7 @@ def rows_to_layers(ctx: MethodContext, pre: Prefilled, kind: str, g: int, rows: 
         h, d = ref.shape[1], ref.shape[3]
         t = rows[:, col : col + h * d].reshape(b, m, h, d).permute(0, 2, 1, 3)
         col += h * d
-        out[layer] = ctx.adapter.rotate_keys(t, layer, pre.positions(lo, hi)) if kind == "k" else t
+        out[layer] = ctx.adapter.at_positions(kind, t, layer, pre.positions(lo, hi))
     return out
 
 
@@ -146,8 +145,8 @@ class KvtcPyramidKV(CacheMethod):
     The cross-layer PCA codes a token across all layers at once, so the kept set must be shared: each layer
     ranks tokens by its SnapKV score and contributes in proportion to its PyramidKV weight; a token any layer
     keeps is stored once, for every layer (and every layer keeps it, since it is paid for).
-    Kept tokens are packed contiguously and their keys re-rotated to the packed positions, so the codec
-    un-rotates them to their true pre-RoPE values; after decoding they go back to their true positions.
+    Kept tokens are packed contiguously and re-rotated to the packed positions, so the codec recovers their
+    true position-free vectors; after decoding they go back to their true positions.
     Bytes: the blob's middle sections plus a bitmap of kept positions (``ceil(middle / 8)`` per sequence).
     """
 
@@ -182,14 +181,22 @@ class KvtcPyramidKV(CacheMethod):
         true_pos = idx + lo
         packed_pos = pre.positions(lo, lo + count)
 
+        def move(kind: str, t: torch.Tensor, layer: int, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+            return ctx.adapter.at_positions(kind, ctx.adapter.position_free(kind, t, layer, src), layer, dst)
+
         packed = {}
         for layer in ctx.coded_layers:
             lay = pre.cache.layers[layer]
-            gather = idx[:, None, :, None]
-            k = lay.keys[:, :, lo:hi].gather(2, gather.expand(-1, lay.keys.shape[1], -1, lay.keys.shape[-1]))
-            v = lay.values[:, :, lo:hi].gather(2, gather.expand(-1, lay.values.shape[1], -1, lay.values.shape[-1]))
-            k = ctx.adapter.rotate_keys(ctx.adapter.unrotate_keys(k, layer, true_pos), layer, packed_pos)
+            kept = [t[:, :, lo:hi].gather(2, idx[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[-1]))
+                    for t in (lay.keys, lay.values)]
+            k, v = (move(kind, t, layer, true_pos, packed_pos) for kind, t in zip(KINDS, kept))
             packed[layer] = (splice_middle(lay.keys, lo, hi, k), splice_middle(lay.values, lo, hi, v))
+        # Sliding-window layers are restored from the original below; the codec only needs them no longer than
+        # the packed sequence (its header requires that), and their exact bytes are not middle bytes.
+        packed_len = pre.length - (hi - lo) + count
+        for layer in ctx.layout.exact_layers:
+            lay = pre.cache.layers[layer]
+            packed[layer] = (lay.keys[:, :, -packed_len:], lay.values[:, :, -packed_len:])
         codec = ctx.codec(codec_ratio)
         blob = codec.compress(with_layers(pre.cache, packed))
         stats = codec.stats(blob)
@@ -198,8 +205,8 @@ class KvtcPyramidKV(CacheMethod):
         restored = {}
         for layer in ctx.coded_layers:
             dk, dv = decoded.layers[layer].keys, decoded.layers[layer].values
-            k = dk[:, :, lo : lo + count]
-            k = ctx.adapter.rotate_keys(ctx.adapter.unrotate_keys(k, layer, packed_pos), layer, true_pos)
-            restored[layer] = (splice_middle(dk, lo, lo + count, k), dv)
+            k, v = (splice_middle(t, lo, lo + count, move(kind, t[:, :, lo : lo + count], layer, packed_pos, true_pos))
+                    for kind, t in zip(KINDS, (dk, dv)))
+            restored[layer] = (k, v)
         bitmap = idx.shape[0] * math.ceil((hi - lo) / 8)
         return MethodOutput(with_layers(pre.cache, restored), stats["middle_bytes"] + bitmap, middle_bf16_bytes(ctx, pre))

@@ -1,0 +1,98 @@
+"""``kvcal eval`` and ``kvcal inspect``: click commands over ``kvcal.eval.harness`` and ``kvcal.inspect``.
+
+User errors are ``KvcalError``s and propagate: the ``kvcal`` group prints them on one line.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from kvcal.errors import DataError
+
+
+@click.command("eval")
+@click.argument("model_dir", required=False, type=click.Path(path_type=Path))
+@click.option("--artifact", type=click.Path(path_type=Path), help="Calibration artifact (default: MODEL_DIR/kvcal).")
+@click.option("--data", multiple=True, type=click.Path(path_type=Path),
+              help="Evaluation text: .txt/.md/.rst, directories, or .jsonl with a \"text\" field (default: bundled eval corpus).")
+@click.option("--ratio", "ratios", multiple=True, type=float,
+              help="Target ratio for methods with a knob (repeatable; default: the artifact's ratios).")
+@click.option("--method", "methods", multiple=True, help="Method to compare (repeatable; default: all).")
+@click.option("--prefix", default=768, show_default=True, help="Tokens prefilled before the continuation.")
+@click.option("--continuation", default=128, show_default=True, help="Tokens scored after the prefix.")
+@click.option("--sink", default=4, show_default=True, help="First tokens every method keeps exact.")
+@click.option("--window", default=128, show_default=True, help="Last tokens every method keeps exact.")
+@click.option("--windows", default=16, show_default=True, help="Perplexity windows.")
+@click.option("--needles", default=16, show_default=True, help="Needle-probe trials (0 to skip retrieval).")
+@click.option("--needle-context", default=1024, show_default=True, help="Tokens in each needle-probe context.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write every figure as JSON.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the rate–quality plot (PNG).")
+@click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]), show_default=True)
+@click.option("--progress/--no-progress", default=True, help="Show a progress bar on stderr.")
+def eval_command(model_dir, artifact, data, ratios, methods, prefix, continuation, sink, window, windows, needles,
+                 needle_context, json_path, plot_path, device, progress):
+    """Rate–quality of KVTC and baselines: continuation perplexity and needle retrieval vs compression ratio.
+
+    With no MODEL_DIR, evaluates the bundled reference model on the bundled eval corpus.
+    """
+    from kvcal.data import bundled_corpus, bundled_model, load_texts
+    from kvcal.eval.harness import EvalSettings, evaluate
+    from kvcal.eval.methods import get_method
+    from kvcal.models import check_model_dir, load_model
+
+    for name in methods:  # fail before loading anything
+        get_method(name)
+    if any(r <= 1.0 for r in ratios):
+        raise DataError("--ratio values must be greater than 1 (bf16 bytes / stored bytes)")
+    settings = EvalSettings(prefix=prefix, continuation=continuation, sink=sink, window=window, windows=windows,
+                            needles=needles, needle_context=needle_context).validate()
+    model_dir = check_model_dir(model_dir or bundled_model())
+    texts = load_texts(list(data) or [bundled_corpus("eval")])
+    art = find_artifact(artifact, model_dir)
+    model, tokenizer = load_model(model_dir, device)
+    report = evaluate(model, tokenizer, texts, methods=list(methods) or None, ratios=list(ratios) or None,
+                      artifact=art, settings=settings, progress=progress, model_name=str(model_dir))
+    click.echo(report.table())
+    if json_path:
+        report.save_json(json_path)
+        click.echo(f"wrote {json_path}")
+    if plot_path:
+        report.plot(plot_path)
+        click.echo(f"wrote {plot_path}")
+
+
+def find_artifact(artifact: Path | None, model_dir: Path):
+    """The artifact asked for, else the one beside the model if there is one, else None."""
+    from kvcal.artifact import ARTIFACT_FILE, Artifact
+
+    if artifact is not None:
+        return Artifact.load(artifact)
+    if (model_dir / "kvcal" / ARTIFACT_FILE).is_file() or (model_dir / ARTIFACT_FILE).is_file():
+        return Artifact.load(model_dir)
+    return None
+
+
+@click.command("inspect")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print every figure as JSON.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write bit allocations, explained variance and budgets as a PNG.")
+def inspect_command(path, as_json, plot_path):
+    """What a calibration artifact holds: per ratio, coordinates per quantizer, bits, variance kept; budgets.
+
+    PATH is an artifact directory or file, or a model directory holding kvcal/.
+    """
+    from kvcal.inspect import inspect_artifact
+
+    summary = inspect_artifact(path)
+    if plot_path:
+        summary.plot(plot_path)
+    if as_json:
+        click.echo(json.dumps(summary.to_json(), indent=2))
+    else:
+        click.echo(summary.text())
+        if plot_path:
+            click.echo(f"wrote {plot_path}")
