@@ -76,7 +76,8 @@ def token_stream(tokenizer, texts: list[str], max_tokens: int | None = None) -> 
     eos = tokenizer.eos_token_id
     ids: list[int] = []
     for t in texts:
-        ids.extend(tokenizer(t, add_special_tokens=False)["input_ids"])
+        # Texts are joined and cut into windows afterwards, so one being longer than the model's limit is fine.
+        ids.extend(tokenizer(t, add_special_tokens=False, verbose=False)["input_ids"])
         if eos is not None:
             ids.append(eos)
         if max_tokens is not None and len(ids) >= max_tokens:

@@ -80,7 +80,8 @@ def load_recipe(path: str | Path | None = None, model_type: str | None = None, *
         if unknown:
             raise DataError(f"recipe {candidate} has unknown keys {', '.join(unknown)}")
         values.update(flat)
-        source = str(candidate)
+        # Shipped recipes are named relative to the repository, so artifacts do not depend on where it lives.
+        source = f"recipes/{candidate.name}" if candidate.resolve().parent == RECIPES_DIR else str(candidate)
     values.update({k: v for k, v in overrides.items() if v is not None and v != ()})
     for key in ("ratios", "quant_types", "group_sizes"):
         if key in values:
