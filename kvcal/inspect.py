@@ -15,6 +15,7 @@ import torch
 from kvcal.artifact import Artifact, ratio_key
 from kvcal.codec.quantize import QUANT_TYPES, group_cost_bits
 from kvcal.fit.budgets import pyramid_budgets
+from kvcal.plotting import pyplot, save_figure
 
 KINDS = ("k", "v")
 # "none" in an allocation table means the coordinate is pruned; the report says so.
@@ -172,10 +173,7 @@ def coordinate_types(artifact: Artifact, kind: str, ratio: float) -> torch.Tenso
 
 def plot_artifact(summary: ArtifactSummary, path: str | Path) -> Path:
     """Bit allocation over coordinates for K and V per ratio, explained-variance curves, per-layer budgets."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from matplotlib.colors import BoundaryNorm, ListedColormap
 
     artifact = Artifact.load(summary.path)
@@ -224,11 +222,7 @@ def plot_artifact(summary: ArtifactSummary, path: str | Path) -> Path:
     ax.set_title("per-layer eviction budgets")
     fig.suptitle(f"{summary.fingerprint['model_type']} artifact: {Path(summary.path).parent}")
     fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(fig, path)
 
 
 def summary_json(summary: ArtifactSummary) -> str:

@@ -21,6 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import kvcal  # noqa: E402
 from kvcal.data import artifacts_root  # noqa: E402
+from kvcal.errors import KvcalError  # noqa: E402
+from kvcal.plotting import pyplot, save_figure  # noqa: E402
 
 MODELS = ("kvcal-ref-llama", "kvcal-ref-qwen3")
 
@@ -70,11 +72,7 @@ def main() -> None:
         md.append(f"| {m} | {kind} | " + " | ".join(f"{ev[min(n, len(ev)) - 1]:.3f}" for n in (16, 64, 128, 256, 512)) + " |")
     (args.out_dir / "bench_calibrate.md").write_text("\n".join(md) + "\n")
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+        plt = pyplot()
         fig, ax = plt.subplots(figsize=(7, 4))
         for name, ev in curves.items():
             ax.plot(range(1, len(ev) + 1), ev, label=name)
@@ -85,8 +83,8 @@ def main() -> None:
         ax.grid(True, alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        fig.savefig(args.out_dir / "explained_variance.png", dpi=110)
-    except ImportError:
+        save_figure(fig, args.out_dir / "explained_variance.png")
+    except KvcalError:
         print("matplotlib not installed: no plot (pip install kvcal[plot])")
     print("\n".join(md))
 

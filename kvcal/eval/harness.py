@@ -33,6 +33,7 @@ from kvcal.eval.methods.ragged import is_ragged, ragged_attention
 from kvcal.eval.methods.transform import KvtcPyramidKV
 from kvcal.eval.retrieval import NeedleProbe, NeedleTrial
 from kvcal.eval.scoring import continue_from, prefill
+from kvcal.plotting import pyplot, save_figure
 
 DEFAULT_RATIOS = (4.0, 8.0, 16.0, 32.0, 64.0, 128.0)
 # The headline's quality bar: perplexity within 1% of the full cache, needle accuracy within one point.
@@ -239,10 +240,7 @@ def method_style(method: str) -> dict:
 
 def plot_rate_quality(reports: Sequence[EvalReport], path: str | Path) -> Path:
     """Δppl % and needle accuracy against measured ratio (log x), one line per method, one column per report."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(2, len(reports), figsize=(6.5 * len(reports), 8), squeeze=False)
     for col, report in enumerate(reports):
@@ -274,11 +272,7 @@ def plot_rate_quality(reports: Sequence[EvalReport], path: str | Path) -> Path:
             ax.grid(True, which="both", alpha=0.3)
         bottom.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(fig, path)
 
 
 # --- running ------------------------------------------------------------------------------------------------
