@@ -231,6 +231,9 @@ METHOD_STYLES: dict[str, dict] = {
     "pyramidkv": dict(color="#98df8a", marker="D", linestyle="-.", markersize=4),
     "kvtc": dict(color="#d62728", marker="o", linewidth=2.2),
     "kvtc+pyramidkv": dict(color="#ff7f0e", marker="P", linewidth=1.6),
+    "h2o": dict(color="#1f77b4", marker="h", linestyle=":"),
+    "turboquant-2.5": dict(color="#aec7e8", marker="d"),
+    "turboquant-3.5": dict(color="#c5b0d5", marker="d"),
 }
 
 
@@ -322,9 +325,13 @@ def needle_trials(tokenizer, texts: list[str], settings: EvalSettings) -> list[N
 
 
 @torch.no_grad()
-def prefill_with_queries(model, ctx: MethodContext, ids: torch.Tensor) -> Prefilled:
-    """Prefill ``ids`` ``[1, n]`` and keep every layer's last ``obs_window`` pre-RoPE queries for eviction scores."""
-    with last_queries(ctx.adapter, range(ctx.layout.num_layers), ctx.obs_window) as queries:
+def prefill_with_queries(model, ctx: MethodContext, ids: torch.Tensor, all_queries: bool = False) -> Prefilled:
+    """Prefill ``ids`` ``[1, n]`` and keep every layer's last ``obs_window`` pre-RoPE queries for eviction scores.
+
+    ``all_queries`` keeps every prefix query instead (for methods scored by the whole prefill's attention, H2O).
+    """
+    keep = ids.shape[1] if all_queries else ctx.obs_window
+    with last_queries(ctx.adapter, range(ctx.layout.num_layers), keep) as queries:
         cache = prefill(model, ids)
     return Prefilled(cache, dict(queries), ids.shape[1])
 
@@ -373,16 +380,17 @@ def evaluate(
     windows = perplexity_windows(tokenizer, texts, settings)
     trials = needle_trials(tokenizer, texts, settings)
     tallies = {spec: Tally() for spec in [*specs, control]}
+    all_queries = any(spec.method.needs_all_queries for spec in specs)
 
     bar = tqdm(total=(len(windows) + len(trials)) * len(tallies), desc="eval", unit="run", disable=not progress)
     for ids in windows:
         context, continuation = ids[: settings.prefix], ids[settings.prefix :]
         feed = torch.cat([context[-1:], continuation[:-1]])
-        _run_all(model, ctx, tallies, prefill_with_queries(model, ctx, context[None, :-1].to(model.device)),
+        _run_all(model, ctx, tallies, prefill_with_queries(model, ctx, context[None, :-1].to(model.device), all_queries),
                  feed, continuation, settings.prefix - 1, is_needle=False, bar=bar)
     for trial in trials:
         feed = torch.cat([trial.context[-1:], trial.target[:-1]])
-        _run_all(model, ctx, tallies, prefill_with_queries(model, ctx, trial.context[None, :-1].to(model.device)),
+        _run_all(model, ctx, tallies, prefill_with_queries(model, ctx, trial.context[None, :-1].to(model.device), all_queries),
                  feed, trial.target, trial.context.numel() - 1, is_needle=True, bar=bar)
     bar.close()
 

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 from kvcal.errors import KvcalError
 from kvcal.eval.methods.base import CacheMethod, MethodContext, MethodOutput, Prefilled
-from kvcal.eval.methods.eviction import PyramidKV, SnapKV, StreamingLLM
+from kvcal.eval.methods.eviction import H2O, PyramidKV, SnapKV, StreamingLLM
 from kvcal.eval.methods.quantized import Fp8PerToken, Int4PerToken, Int8PerToken, Kivi2, Uncompressed
 from kvcal.eval.methods.transform import Kvtc, KvtcPyramidKV, PcaTruncation
+from kvcal.eval.methods.turboquant import TurboQuant25, TurboQuant35
 
 METHODS: dict[str, type[CacheMethod]] = {
     cls.name: cls
-    for cls in (Uncompressed, Fp8PerToken, Int8PerToken, Int4PerToken, Kivi2, PcaTruncation, StreamingLLM, SnapKV,
-                PyramidKV, Kvtc, KvtcPyramidKV)
+    for cls in (Uncompressed, Fp8PerToken, Int8PerToken, Int4PerToken, Kivi2, TurboQuant25, TurboQuant35, PcaTruncation,
+                StreamingLLM, SnapKV, H2O, PyramidKV, Kvtc, KvtcPyramidKV)
 }
 
 

@@ -26,10 +26,14 @@ FP16_BYTES = 2
 
 @dataclass
 class Prefilled:
-    """A cache straight after prefill, and the pre-RoPE queries of its last tokens (for eviction scores)."""
+    """A cache straight after prefill, and the pre-RoPE queries of its last tokens (for eviction scores).
+
+    ``queries`` holds the last ``obs_window`` queries of every layer, or all ``length`` of them when some method
+    asks for them (``CacheMethod.needs_all_queries``); methods that want the last ``obs_window`` slice them.
+    """
 
     cache: DynamicCache
-    queries: dict[int, torch.Tensor]  # layer -> [batch, heads, obs, head_dim], pre-RoPE
+    queries: dict[int, torch.Tensor]  # layer -> [batch, heads, obs (or length), head_dim], pre-RoPE
     length: int  # tokens in every full-attention layer; positions are 0..length-1
 
     def positions(self, lo: int, hi: int) -> torch.Tensor:
@@ -95,6 +99,7 @@ class CacheMethod:
     summary: ClassVar[str]
     takes_ratio: ClassVar[bool] = False  # False: a fixed-rate method, which reports the ratio it reaches
     needs_artifact: ClassVar[bool] = False
+    needs_all_queries: ClassVar[bool] = False  # True: the prefill keeps every prefix query, not the last obs_window
 
     def check(self, ctx: MethodContext, ratio: float | None) -> None:
         """Raise a ``KvcalError`` before any work if this method cannot run at ``ratio``."""

@@ -19,7 +19,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from kvcal.errors import RatioError
+from kvcal.errors import KvcalError, RatioError
 from kvcal.eval.methods.base import (
     CacheMethod,
     MethodContext,
@@ -61,6 +61,34 @@ def snapkv_scores(pre: Prefilled, ctx: MethodContext, layer: int, pool_kernel: i
     m = hi - lo
     pooled = F.max_pool1d(per_cache_head.reshape(b * cache_heads, 1, m), pool_kernel, stride=1, padding=pool_kernel // 2)
     return pooled.reshape(b, cache_heads, m)
+
+
+@torch.no_grad()
+def accumulated_attention(pre: Prefilled, ctx: MethodContext, layer: int, chunk: int = 256) -> torch.Tensor:
+    """H2O scores ``[batch, kv_heads, middle]``: the causal attention each middle key of ``layer`` receives,
+    summed over every query of the prefill and over the query heads that read its KV head.
+
+    Queries are processed ``chunk`` at a time, so memory stays ``O(chunk × length)`` per head.
+    """
+    lo, hi = ctx.middle(pre.length)
+    n = pre.length
+    queries = pre.queries[layer]
+    if queries.shape[2] != n:
+        raise KvcalError(f"H2O needs all {n} prefill queries of layer {layer} but the prefill kept {queries.shape[2]}; "
+                         "prefill with prefill_with_queries(..., all_queries=True)")
+    lay = pre.cache.layers[layer]
+    keys = ctx.adapter.attention_keys(layer, lay.keys, lay.values).float()
+    keys = keys.repeat_interleave(queries.shape[1] // keys.shape[1], dim=1).transpose(-1, -2)
+    scale = ctx.adapter.attention_scale(layer)
+    total = torch.zeros(queries.shape[0], queries.shape[1], n, device=keys.device)
+    cols = torch.arange(n, device=keys.device)
+    for s in range(0, n, chunk):
+        e = min(n, s + chunk)
+        q = ctx.adapter.rotate_queries(queries[:, :, s:e], layer, pre.positions(s, e))
+        causal = cols[None, :] > cols[s:e, None]
+        total += (torch.matmul(q, keys) * scale).masked_fill(causal, float("-inf")).softmax(-1).sum(2)
+    b, cache_heads = lay.keys.shape[:2]
+    return total.view(b, cache_heads, -1, n).sum(2)[..., lo:hi]
 
 
 def keep_middle(t: torch.Tensor, lo: int, hi: int, idx: torch.Tensor) -> torch.Tensor:
@@ -159,5 +187,34 @@ class PyramidKV(CacheMethod):
         lo, hi = ctx.middle(pre.length)
         budgets = layer_budgets(ctx, hi - lo, kept_count(hi - lo, check_eviction_ratio(self.name, ratio)))
         keep = {layer: top_indices(snapkv_scores(pre, ctx, layer, self.pool_kernel), budgets[layer])
+                for layer in ctx.coded_layers}
+        return evict_to(pre, ctx, keep)
+
+
+@dataclass(frozen=True)
+class H2O(CacheMethod):
+    """H2O (Zhang et al. 2023), Heavy-Hitter Oracle: keep the middle tokens with the largest accumulated attention.
+
+    This is the *prefill-accumulated* variant: each middle key's score is the causal attention it receives summed
+    over every query of the prefill (and over the query heads sharing its KV head); scores are computed once,
+    after prefill, and are not updated while the continuation is teacher-forced (H2O proper re-scores and evicts
+    at every decoding step). Selection is per KV head and the budget is SnapKV's: every layer keeps
+    ``round(middle / ratio)`` middle tokens, billed at bf16, so bytes equal ``streamingllm``'s and ``snapkv``'s at
+    the same ratio. The sink and window stay exact, as in every method (H2O's own recent window is the window).
+    """
+
+    name: ClassVar[str] = "h2o"
+    summary: ClassVar[str] = "H2O: top tokens by attention accumulated over the whole prefill, per KV head"
+    takes_ratio: ClassVar[bool] = True
+    needs_all_queries: ClassVar[bool] = True
+    chunk: int = 256  # prefill queries scored at a time
+
+    def check(self, ctx: MethodContext, ratio: float | None) -> None:
+        check_eviction_ratio(self.name, ratio)
+
+    def apply(self, pre: Prefilled, ctx: MethodContext, ratio: float | None) -> MethodOutput:
+        lo, hi = ctx.middle(pre.length)
+        count = kept_count(hi - lo, check_eviction_ratio(self.name, ratio))
+        keep = {layer: top_indices(accumulated_attention(pre, ctx, layer, self.chunk), count)
                 for layer in ctx.coded_layers}
         return evict_to(pre, ctx, keep)
