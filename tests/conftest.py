@@ -36,3 +36,20 @@ def calibrated(tiny_models):
         return done[family]
 
     return get
+
+
+@pytest.fixture(scope="module")
+def llama(calibrated):
+    """The calibrated tiny llama: ``(model_dir, model, tokenizer)``."""
+    from kvcal.models import load_model
+
+    model_dir = calibrated("llama")
+    model, tokenizer = load_model(model_dir, "cpu")
+    return model_dir, model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def texts():
+    from kvcal.data import load_texts
+
+    return load_texts([EVAL_CORPUS])

@@ -14,7 +14,6 @@ from conftest import EVAL_CORPUS
 from kvcal.adapters import adapter_for
 from kvcal.artifact import Artifact
 from kvcal.cli import main
-from kvcal.data import load_texts
 from kvcal.errors import ArtifactError, KvcalError, RatioError
 from kvcal.eval.harness import (
     EvalReport,
@@ -31,23 +30,12 @@ from kvcal.eval.methods.ragged import is_ragged, ragged_attention
 from kvcal.eval.methods.transform import pyramid_union
 from kvcal.eval.retrieval import needle_accuracy
 from kvcal.eval.scoring import continue_from, evict_middle, prefill
-from kvcal.models import load_model
 
 SINK, WINDOW = 4, 32
 SETTINGS = EvalSettings(prefix=128, continuation=24, sink=SINK, window=WINDOW, windows=2, needles=2, needle_context=144)
 HEAD_DIM = 16  # the tiny fixtures' head size
 
 
-@pytest.fixture(scope="module")
-def llama(calibrated):
-    model_dir = calibrated("llama")
-    model, tokenizer = load_model(model_dir, "cpu")
-    return model_dir, model, tokenizer
-
-
-@pytest.fixture(scope="module")
-def texts():
-    return load_texts([EVAL_CORPUS])
 
 
 def context_for(model, artifact=None) -> MethodContext:

@@ -12,13 +12,11 @@ from conftest import EVAL_CORPUS
 
 from kvcal.adapters import adapter_for
 from kvcal.cli import main
-from kvcal.data import load_texts
 from kvcal.errors import KvcalError
 from kvcal.eval.harness import EvalSettings, evaluate, prefill_with_queries
 from kvcal.eval.methods import METHODS, MethodContext, get_method
 from kvcal.eval.methods.eviction import accumulated_attention
 from kvcal.eval.methods.turboquant import bit_split, lloyd_max_codebook, rotation, turboquant_rows
-from kvcal.models import load_model
 
 SINK, WINDOW = 4, 32
 SETTINGS = EvalSettings(prefix=128, continuation=16, sink=SINK, window=WINDOW, windows=1, needles=1, needle_context=144)
@@ -26,16 +24,6 @@ HEAD_DIM = 16  # the tiny fixtures' head size
 HEADS, LAYERS = 2, 2  # KV heads and full-attention layers of the tiny llama
 
 
-@pytest.fixture(scope="module")
-def llama(calibrated):
-    model_dir = calibrated("llama")
-    model, tokenizer = load_model(model_dir, "cpu")
-    return model_dir, model, tokenizer
-
-
-@pytest.fixture(scope="module")
-def texts():
-    return load_texts([EVAL_CORPUS])
 
 
 def context_for(model) -> MethodContext:

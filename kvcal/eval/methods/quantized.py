@@ -51,10 +51,11 @@ class Uncompressed(CacheMethod):
 
 
 @dataclass(frozen=True)
-class PerTokenQuant(CacheMethod):
-    """Each token of each head quantized on its own (group = head_dim), keys and values alike."""
+class RowwiseQuant(CacheMethod):
+    """Quantizes every middle token of every KV head as one row; subclasses say how a batch of rows is coded."""
 
-    qtype: str = "int8"
+    def code_rows(self, rows: torch.Tensor) -> QuantizedRows:
+        raise NotImplementedError
 
     def apply(self, pre: Prefilled, ctx: MethodContext, ratio: float | None) -> MethodOutput:
         lo, hi = ctx.middle(pre.length)
@@ -64,11 +65,21 @@ class PerTokenQuant(CacheMethod):
             new = []
             for t in (lay.keys, lay.values):
                 mid = t[:, :, lo:hi].float()
-                q = quantize_rows(mid.reshape(-1, mid.shape[-1]), self.qtype)
+                q = self.code_rows(mid.reshape(-1, mid.shape[-1]))
                 stored += q.stored_bytes
                 new.append(splice_middle(t, lo, hi, q.values.reshape(mid.shape)))
             replaced[layer] = (new[0], new[1])
         return MethodOutput(with_layers(pre.cache, replaced), stored, middle_bf16_bytes(ctx, pre))
+
+
+@dataclass(frozen=True)
+class PerTokenQuant(RowwiseQuant):
+    """Each token of each head quantized on its own (group = head_dim), keys and values alike."""
+
+    qtype: str = "int8"
+
+    def code_rows(self, rows: torch.Tensor) -> QuantizedRows:
+        return quantize_rows(rows, self.qtype)
 
 
 @dataclass(frozen=True)

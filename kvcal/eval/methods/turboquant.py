@@ -26,14 +26,9 @@ from kvcal.codec.quantize import packed_size
 from kvcal.errors import KvcalError
 from kvcal.eval.methods.base import (
     FP16_BYTES,
-    CacheMethod,
     MethodContext,
-    MethodOutput,
-    Prefilled,
-    middle_bf16_bytes,
-    splice_middle,
-    with_layers,
 )
+from kvcal.eval.methods.quantized import RowwiseQuant
 
 ROTATION_SEED = 0
 
@@ -125,7 +120,7 @@ def turboquant_rows(rows: torch.Tensor, bits: float, seed: int = ROTATION_SEED) 
 
 
 @dataclass(frozen=True)
-class TurboQuant(CacheMethod):
+class TurboQuant(RowwiseQuant):
     """TurboQuant-MSE on keys and values per token and KV head, at ``bits`` bits per coordinate plus an fp16 norm.
 
     A fixed-rate method: it reports the ratio it reaches, ``16 d / (bits · d + 16)`` against bf16. No QJL residual.
@@ -138,19 +133,8 @@ class TurboQuant(CacheMethod):
         for d in {ctx.layout.head_dim, ctx.layout.v_head_dim}:
             bit_split(d, self.bits)
 
-    def apply(self, pre: Prefilled, ctx: MethodContext, ratio: float | None) -> MethodOutput:
-        lo, hi = ctx.middle(pre.length)
-        stored, replaced = 0, {}
-        for layer in ctx.coded_layers:
-            lay = pre.cache.layers[layer]
-            new = []
-            for t in (lay.keys, lay.values):
-                mid = t[:, :, lo:hi].float()
-                q = turboquant_rows(mid.reshape(-1, mid.shape[-1]), self.bits, self.seed)
-                stored += q.stored_bytes
-                new.append(splice_middle(t, lo, hi, q.values.reshape(mid.shape)))
-            replaced[layer] = (new[0], new[1])
-        return MethodOutput(with_layers(pre.cache, replaced), stored, middle_bf16_bytes(ctx, pre))
+    def code_rows(self, rows: torch.Tensor):
+        return turboquant_rows(rows, self.bits, self.seed)
 
 
 @dataclass(frozen=True)
