@@ -8,18 +8,29 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from fixtures import FAMILIES, write_tiny_model  # noqa: E402
+from fixtures import write_tiny_model  # noqa: E402
 
 torch.set_num_threads(1)  # tiny models: threads only add overhead and contention
 EVAL_CORPUS = Path(__file__).resolve().parents[1] / "artifacts" / "corpus" / "eval.jsonl"
 TINY_CAL = dict(seq_len=256, max_tokens=256 * 12, ratios=(2, 4, 8), window=32, heldout_tokens=1024)
 
 
+class TinyModels(dict):
+    """``{family: dir}`` of tiny random models, each written on first use and kept for the session."""
+
+    def __init__(self, root: Path):
+        super().__init__()
+        self.root = root
+
+    def __missing__(self, family: str) -> Path:
+        self[family] = write_tiny_model(family, self.root / family)
+        return self[family]
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
-    """Tiny random models of every family, written once per session: {family: dir}."""
-    root = tmp_path_factory.mktemp("tiny")
-    return {f: write_tiny_model(f, root / f) for f in FAMILIES}
+    """Tiny random models of any fixture family (``FAMILIES`` and ``MLA_FAMILIES``), written on first use."""
+    return TinyModels(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="session")

@@ -7,8 +7,7 @@ RoPE changed the keys), so these models are not in ``FAMILIES``; the other share
 
 import pytest
 import torch
-from conftest import EVAL_CORPUS, TINY_CAL
-from fixtures import MLA_FAMILIES, write_tiny_model
+from fixtures import MLA_FAMILIES
 from test_adapters import test_config_only_adapter_matches_model_rope as check_config_only_rope
 from test_cache import test_generate_matches_dynamic_cache_at_mild_ratio as check_generate
 from test_calibrate import test_calibrate_every_family_writes_a_valid_artifact as check_artifact
@@ -19,25 +18,6 @@ import kvcal
 from kvcal.adapters import adapter_for
 from kvcal.capture import attention_entropy, last_queries
 from kvcal.models import load_model
-
-
-@pytest.fixture(scope="module")
-def mla_models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mla")
-    return {f: write_tiny_model(f, root / f) for f in MLA_FAMILIES}
-
-
-@pytest.fixture(scope="module")
-def mla_calibrated(mla_models):
-    done = {}
-
-    def get(family):
-        if family not in done:
-            kvcal.calibrate(mla_models[family], data=[EVAL_CORPUS], device="cpu", progress=False, **TINY_CAL)
-            done[family] = mla_models[family]
-        return done[family]
-
-    return get
 
 
 def forward_catching(model, modules, ids, **kwargs):
@@ -54,8 +34,8 @@ def forward_catching(model, modules, ids, **kwargs):
 
 
 @pytest.mark.parametrize("family", MLA_FAMILIES)
-def test_cache_holds_the_latent_and_the_rotated_rope_key(mla_models, family):
-    model, _ = load_model(mla_models[family], "cpu")
+def test_cache_holds_the_latent_and_the_rotated_rope_key(tiny_models, family):
+    model, _ = load_model(tiny_models[family], "cpu")
     adapter = adapter_for(model)
     layout = adapter.layout()
     n_layers, rank = layout.num_layers, model.config.kv_lora_rank
@@ -79,9 +59,9 @@ def test_cache_holds_the_latent_and_the_rotated_rope_key(mla_models, family):
 
 
 @pytest.mark.parametrize("family", MLA_FAMILIES)
-def test_attention_statistics_match_the_models_attention(mla_models, family):
+def test_attention_statistics_match_the_models_attention(tiny_models, family):
     # Capture's entropies rebuild attention from pre-RoPE queries and the cache: rotated query tail, expanded keys.
-    model, _ = load_model(mla_models[family], "cpu")
+    model, _ = load_model(tiny_models[family], "cpu")
     model.set_attn_implementation("eager")
     adapter = adapter_for(model)
     n_layers, w = adapter.layout().num_layers, 16
@@ -98,21 +78,21 @@ def test_attention_statistics_match_the_models_attention(mla_models, family):
 
 
 @pytest.mark.parametrize("family", MLA_FAMILIES)
-def test_config_only_adapter_matches_model_rope(mla_models, family):
-    check_config_only_rope(mla_models, family)
+def test_config_only_adapter_matches_model_rope(tiny_models, family):
+    check_config_only_rope(tiny_models, family)
 
 
 @pytest.mark.parametrize("family", MLA_FAMILIES)
-def test_calibrate_writes_a_valid_artifact(mla_calibrated, family):
-    check_artifact(mla_calibrated, family)
-    art = kvcal.Artifact.load(mla_calibrated(family))
+def test_calibrate_writes_a_valid_artifact(calibrated, family):
+    check_artifact(calibrated, family)
+    art = kvcal.Artifact.load(calibrated(family))
     assert bool((art.tensors["attention.entropy"] > 0).all())  # attention statistics were gathered on every layer
 
 
 @pytest.mark.parametrize("family", MLA_FAMILIES)
-def test_round_trip_exact_ends_ratio_and_determinism(mla_calibrated, family):
-    check_round_trip(mla_calibrated, family)
-    model_dir = mla_calibrated(family)
+def test_round_trip_exact_ends_ratio_and_determinism(calibrated, family):
+    check_round_trip(calibrated, family)
+    model_dir = calibrated(family)
     model, cache = prefill(model_dir)
     with_model, without = kvcal.load(model_dir, ratio=4, model=model), kvcal.load(model_dir, ratio=4)
     blob = with_model.compress(cache)
@@ -122,5 +102,5 @@ def test_round_trip_exact_ends_ratio_and_determinism(mla_calibrated, family):
 
 
 @pytest.mark.parametrize("family", MLA_FAMILIES)
-def test_generate_matches_dynamic_cache_at_mild_ratio(mla_calibrated, family):
-    check_generate(mla_calibrated, family)
+def test_generate_matches_dynamic_cache_at_mild_ratio(calibrated, family):
+    check_generate(calibrated, family)
