@@ -186,6 +186,10 @@ def main() -> None:
     eval_texts = load_texts([bundled_corpus("eval")])
     if (args.out / "tokenizer.json").exists():
         tok = AutoTokenizer.from_pretrained(args.out)
+    elif args.init_from:
+        # A continuation must keep the vocabulary its weights were trained with.
+        tok = AutoTokenizer.from_pretrained(args.init_from)
+        tok.save_pretrained(args.out)
     else:
         tok = train_tokenizer(train_texts, args.vocab, args.out)
     eos = tok.eos_token_id
@@ -206,15 +210,7 @@ def main() -> None:
         if [k for k in missing if k != "lm_head.weight"]:
             raise SystemExit(f"--init-from {args.init_from} lacks weights: {missing}")
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
-    warmup = min(100, args.steps // 10)
-
-    def lr_at(step: int) -> float:
-        if step < warmup:
-            return args.lr * (step + 1) / warmup
-        frac = (step - warmup) / max(1, args.steps - warmup)
-        return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
-
-    step, elapsed, log = 0, 0.0, []
+    step, elapsed, log, tokens_seen = 0, 0.0, [], 0
     phases: list[dict] = []
     ckpt = work / "checkpoint.pt"
     if ckpt.exists():
@@ -222,16 +218,31 @@ def main() -> None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         step, elapsed, log = state["step"], state["elapsed"], state["log"]
+        tokens_seen = state.get("tokens_seen", step * args.batch * args.seq_len)
         # Runs before data-mix phases were recorded used the first mix: plain 25%, 2-12 copies, 35% random words.
         phases = state.get("phases", [{"from_step": 0, "plain_share": 0.25, "copies": [2, 12], "random_word_share": 0.35, "lr": args.lr}])
         random.setstate(state["py_rng"])
         torch.set_rng_state(state["torch_rng"])
         print(f"resumed at step {step} ({elapsed / 60:.1f} min)", flush=True)
-    phase = {"from_step": step, "plain_share": args.plain_share, "copies": list(args.copies),
+    phase = {"from_step": step, "seq_len": args.seq_len, "batch": args.batch, "plain_share": args.plain_share,
+             "copies": list(args.copies),
              "random_word_share": args.random_word_share, "repeat_share": args.repeat_share, "lr": args.lr,
              "schedule_steps": args.steps}
     if not phases or {k: v for k, v in phases[-1].items() if k != "from_step"} != {k: v for k, v in phase.items() if k != "from_step"}:
         phases.append(phase)
+    # Each data-mix phase (a fresh run or a continuation) has its own warmup and cosine decay, running
+    # from the step it starts at to --steps, so a continuation does not inherit a spent schedule.
+    start = phases[-1]["from_step"]
+    span = max(1, args.steps - start)
+    warmup = min(100, span // 10)
+
+    def lr_at(step: int) -> float:
+        k = step - start
+        if k < warmup:
+            return args.lr * (k + 1) / warmup
+        frac = (k - warmup) / max(1, span - warmup)
+        return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+
     mix = CopyMix(stream, word_ids, args.seq_len, seed=args.seed * 1000 + step, plain_share=args.plain_share,
                   copies=tuple(args.copies), random_word_share=args.random_word_share, repeat_share=args.repeat_share)
 
@@ -248,6 +259,7 @@ def main() -> None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         step += 1
+        tokens_seen += x.numel()
         train_losses.append(loss.item())
         if step % 10 == 0:
             print(f"step {step} loss {sum(train_losses[-10:]) / 10:.3f} lr {lr_at(step):.2e} "
@@ -260,7 +272,7 @@ def main() -> None:
             print(json.dumps(row), flush=True)
         if step % args.ckpt_every == 0:
             torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "elapsed": time.time() - t0,
-                        "log": log, "phases": phases, "py_rng": random.getstate(), "torch_rng": torch.get_rng_state()}, work / "tmp.pt")
+                        "log": log, "phases": phases, "tokens_seen": tokens_seen, "py_rng": random.getstate(), "torch_rng": torch.get_rng_state()}, work / "tmp.pt")
             (work / "tmp.pt").replace(ckpt)
     wall = time.time() - t0
 
@@ -274,7 +286,7 @@ def main() -> None:
     n_params = sum(p.numel() for p in model.parameters())
     card = {
         "family": args.family, "parameters": n_params, "steps": step, "wall_minutes": round(wall / 60, 1),
-        "threads": torch.get_num_threads(), "seq_len": args.seq_len, "batch": args.batch, "tokens_seen": step * args.batch * args.seq_len,
+        "threads": torch.get_num_threads(), "seq_len": args.seq_len, "batch": args.batch, "tokens_seen": tokens_seen,
         "final_train_loss": round(final_train, 4), "heldout_loss": round(held, 4), "heldout_ppl": round(math.exp(held), 2),
         "unigram_heldout_loss": round(uni, 4), "unigram_heldout_ppl": round(math.exp(uni), 2),
         "needle_full_cache": round(full, 4), "needle_middle_evicted": round(ev, 4),
@@ -285,6 +297,18 @@ def main() -> None:
     (args.out / "model_card.json").write_text(json.dumps(card, indent=2) + "\n")
     (args.out / "README.md").write_text(model_card_markdown(args, card, config))
     print(json.dumps(card, indent=2))
+
+
+def _shape(phase: dict) -> str:
+    return f" ({phase['batch']} x {phase['seq_len']} tokens a step)" if "seq_len" in phase else ""
+
+
+def _base_line(card: dict) -> str:
+    base = card.get("initialized_from")
+    if not base:
+        return "random initialization"
+    return (f"the earlier committed weights ({base['steps']} steps, {base['tokens_seen']:,} tokens, "
+            f"{base['wall_minutes']} min; their phases are in `model_card.json`)")
 
 
 def model_card_markdown(args, card: dict, config) -> str:
@@ -300,7 +324,8 @@ Not a general-purpose model.
 | parameters | {card['parameters']:,} |
 | tokenizer | byte-level BPE, {config.vocab_size} tokens, trained on the training split |
 | context trained | {card['seq_len']} tokens |
-| training | {card['steps']} steps x {card['batch']} x {card['seq_len']} tokens = {card['tokens_seen']:,} tokens, AdamW lr {args.lr}, cosine, seed {card['seed']}, CPU, {card['threads']} thread(s), {card['wall_minutes']} min wall |
+| training | {card['steps']} steps, {card['tokens_seen']:,} tokens (phases below), AdamW, cosine per phase, seed {card['seed']}, CPU, {card['threads']} thread(s), {card['wall_minutes']} min wall |
+| initialized from | {_base_line(card)} |
 | final train loss (copy mix) | {card['final_train_loss']} |
 | held-out loss (eval split, plain text, {card['heldout_windows']} x {card['seq_len']} tokens) | {card['heldout_loss']} (ppl {card['heldout_ppl']}) |
 | unigram baseline on the same tokens | {card['unigram_heldout_loss']} (ppl {card['unigram_heldout_ppl']}) |
@@ -312,7 +337,7 @@ and standard-library modules (code), PSF License 2.0. A share of sequences are p
 spans of 16-64 tokens (runs of random words, foreign text, or their own text) at least 64 tokens after they
 first appear, so the model learns to use the middle of its context. Mix phases (from `model_card.json`):
 
-{chr(10).join(f"- from step {p['from_step']}: {int(p['plain_share'] * 100)}% plain, {p['copies'][0]}-{p['copies'][1]} copied spans per copy sequence, {int(p['random_word_share'] * 100)}% of them random words, {int(p.get('repeat_share', 0) * 100)}% of sequences repeating one run of random words 2-4 times, peak lr {p['lr']}, cosine over {p.get('schedule_steps', 1400)} steps" for p in card['data_phases'])}
+{chr(10).join(f"- from step {p['from_step']}{_shape(p)}: {int(p['plain_share'] * 100)}% plain, {p['copies'][0]}-{p['copies'][1]} copied spans per copy sequence, {int(p['random_word_share'] * 100)}% of them random words, {int(p.get('repeat_share', 0) * 100)}% of sequences repeating one run of random words 2-4 times, peak lr {p['lr']}, cosine over {p.get('schedule_steps', 1400)} steps" for p in card['data_phases'])}
 
 **Needle probe.** `kvcal.eval.retrieval.NeedleProbe` (seed 1, {card['needle_trials']} trials): a 32-token run of
 random words planted at the middle of a {card['seq_len']}-token context from the eval split; its first 8 tokens are

@@ -24,7 +24,7 @@ from kvcal.eval.harness import (
     perplexity_windows,
     prefill_with_queries,
 )
-from kvcal.eval.methods import METHODS, MethodContext, UnknownMethodError, get_method
+from kvcal.eval.methods import METHODS, MethodContext, UnknownMethodError, expand_method_names, get_method
 from kvcal.eval.methods.eviction import StreamingLLM, snapkv_scores
 from kvcal.eval.methods.ragged import is_ragged, ragged_attention
 from kvcal.eval.methods.transform import pyramid_union
@@ -253,6 +253,24 @@ def test_report_headline_table_json_and_plot(tmp_path):
     assert "cannot tell" in blind.table()
     path = report.plot(tmp_path / "curve.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_per_window_figures_add_up_and_survive_json(llama, texts):
+    _, model, tok = llama
+    report = evaluate(model, tok, texts, methods=["streamingllm"], ratios=[4], settings=SETTINGS, progress=False)
+    for row in report.rows:
+        assert len(row.window_nll) == SETTINGS.windows and len(row.trial_hits) == SETTINGS.needles
+        assert math.exp(sum(row.window_nll) / (SETTINGS.windows * SETTINGS.continuation)) == pytest.approx(row.ppl, rel=1e-5)
+        assert sum(row.trial_hits) / (SETTINGS.needles * 24) == pytest.approx(row.retrieval)
+    again = EvalReport.from_json(json.loads(json.dumps(report.to_json())))
+    assert again.rows == report.rows and again.settings == report.settings
+    assert again.headline() == report.headline() and again.ppl_evicted == report.ppl_evicted
+
+
+def test_method_families_expand_in_order():
+    assert expand_method_names(["h2o", "turboquant", "turboquant-3.5"]) == ["h2o", "turboquant-2.5", "turboquant-3.5"]
+    with pytest.raises(UnknownMethodError, match="turboquant"):
+        expand_method_names(["turbo"])
 
 
 def test_cli_eval_runs_and_writes(llama, tmp_path):

@@ -16,7 +16,13 @@ from kvcal.errors import KvcalError
 from kvcal.eval.harness import EvalSettings, evaluate, prefill_with_queries
 from kvcal.eval.methods import METHODS, MethodContext, get_method
 from kvcal.eval.methods.eviction import accumulated_attention
-from kvcal.eval.methods.turboquant import bit_split, lloyd_max_codebook, rotation, turboquant_rows
+from kvcal.eval.methods.turboquant import (
+    bit_split,
+    lloyd_max_codebook,
+    rotation,
+    turboquant_prod_rows,
+    turboquant_rows,
+)
 
 SINK, WINDOW = 4, 32
 SETTINGS = EvalSettings(prefix=128, continuation=16, sink=SINK, window=WINDOW, windows=1, needles=1, needle_context=144)
@@ -41,7 +47,7 @@ def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def test_registered_with_their_kinds():
-    assert {"h2o", "turboquant-2.5", "turboquant-3.5"} <= set(METHODS)
+    assert {"h2o", "turboquant-2.5", "turboquant-3.5", "turboquant-prod-2.5", "turboquant-prod-3.5"} <= set(METHODS)
     assert get_method("h2o").takes_ratio and get_method("h2o").needs_all_queries
     assert not get_method("turboquant-3.5").takes_ratio and get_method("turboquant-2.5").bits == 2.5
 
@@ -151,6 +157,32 @@ def test_turboquant_error_falls_with_bits(llama):
     assert 0.05 < mse[2.5] < 0.09 and 0.012 < mse[3.5] < 0.025
 
 
+@pytest.mark.parametrize("bits", [2.5, 3.5])
+def test_turboquant_prod_counts_every_byte(llama, bits):
+    _, model, _ = llama
+    ctx = context_for(model)
+    pre = prefilled(model, ctx)
+    m = pre.length - SINK - WINDOW
+    out = get_method(f"turboquant-prod-{bits}").apply(pre, ctx, None)
+    key = HEAD_DIM * (bits - 1) / 8 + HEAD_DIM / 8 + 2 + 2  # MSE codes, QJL signs, fp16 norm and residual norm
+    value = HEAD_DIM * bits / 8 + 2
+    assert out.stored_bytes == m * HEADS * LAYERS * (key + value)
+
+
+def test_turboquant_prod_inner_products_are_unbiased():
+    # The MSE quantizer shrinks inner products by about (1 - distortion); the QJL residual removes that bias.
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4000, 64, generator=g)
+    y = torch.randn(4000, 64, generator=g) + 0.5 * x  # queries correlated with the keys, as in attention
+    true = (x * y).sum(-1)
+    prod = (turboquant_prod_rows(x, 2.5).values * y).sum(-1)
+    mse = (turboquant_rows(x, 1.5).values * y).sum(-1)  # the same codes without the residual
+    assert abs(float(prod.sum() / true.sum()) - 1) < 0.02
+    assert float(mse.sum() / true.sum()) < 0.9
+    with pytest.raises(KvcalError, match="at least 2 bits"):
+        turboquant_prod_rows(x, 1.5)
+
+
 def test_both_run_through_evaluate(llama, texts):
     _, model, tok = llama
     report = evaluate(model, tok, texts, methods=["h2o", "turboquant-3.5"], ratios=[4], settings=SETTINGS,
@@ -166,8 +198,10 @@ def test_cli_eval_runs_both(llama, tmp_path):
     model_dir, _, _ = llama
     args = ["eval", str(model_dir), "--data", str(EVAL_CORPUS), "--prefix", "128", "--continuation", "16", "--window",
             str(WINDOW), "--windows", "1", "--needles", "1", "--needle-context", "144", "--method", "h2o", "--method",
-            "turboquant-3.5", "--ratio", "4", "--device", "cpu", "--no-progress", "--json", str(tmp_path / "r.json")]
+            "turboquant", "--ratio", "4", "--device", "cpu", "--no-progress", "--json", str(tmp_path / "r.json")]
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
     doc = json.loads((tmp_path / "r.json").read_text())
-    assert [r["method"] for r in doc["rows"]] == ["uncompressed", "h2o", "turboquant-3.5"]
+    # `turboquant` names the family: the paper's bit widths, without and with the QJL residual.
+    assert [r["method"] for r in doc["rows"]] == ["uncompressed", "h2o", "turboquant-2.5", "turboquant-3.5",
+                                                  "turboquant-prod-2.5", "turboquant-prod-3.5"]

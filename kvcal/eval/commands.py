@@ -20,7 +20,7 @@ from kvcal.errors import DataError
               help="Evaluation text: .txt/.md/.rst, directories, or .jsonl with a \"text\" field (default: bundled eval corpus).")
 @click.option("--ratio", "ratios", multiple=True, type=float,
               help="Target ratio for methods with a knob (repeatable; default: the artifact's ratios).")
-@click.option("--method", "methods", multiple=True, help="Method to compare (repeatable; default: all).")
+@click.option("--method", "methods", multiple=True, help="Method to compare (repeatable; default: all; `turboquant` means both bit widths).")
 @click.option("--prefix", default=768, show_default=True, help="Tokens prefilled before the continuation.")
 @click.option("--continuation", default=128, show_default=True, help="Tokens scored after the prefix.")
 @click.option("--sink", default=4, show_default=True, help="First tokens every method keeps exact.")
@@ -40,11 +40,10 @@ def eval_command(model_dir, artifact, data, ratios, methods, prefix, continuatio
     """
     from kvcal.data import bundled_corpus, bundled_model, load_texts
     from kvcal.eval.harness import EvalSettings, evaluate
-    from kvcal.eval.methods import get_method
+    from kvcal.eval.methods import expand_method_names
     from kvcal.models import check_model_dir, load_model
 
-    for name in methods:  # fail before loading anything
-        get_method(name)
+    expand_method_names(methods)  # fail on an unknown name before loading anything
     if any(r <= 1.0 for r in ratios):
         raise DataError("--ratio values must be greater than 1 (bf16 bytes / stored bytes)")
     settings = EvalSettings(prefix=prefix, continuation=continuation, sink=sink, window=window, windows=windows,

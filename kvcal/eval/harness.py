@@ -27,7 +27,7 @@ from kvcal.artifact import Artifact
 from kvcal.capture import last_queries
 from kvcal.data import token_stream
 from kvcal.errors import ArtifactError, DataError
-from kvcal.eval.methods import CacheMethod, MethodContext, Prefilled, get_method, method_names
+from kvcal.eval.methods import CacheMethod, MethodContext, Prefilled, expand_method_names, get_method, method_names
 from kvcal.eval.methods.eviction import StreamingLLM
 from kvcal.eval.methods.ragged import is_ragged, ragged_attention
 from kvcal.eval.methods.transform import KvtcPyramidKV
@@ -90,6 +90,10 @@ class Tally:
     stored_bytes: int = 0
     bf16_bytes: int = 0
     seconds: float = 0.0
+    # Per-window NLL sums and per-trial hits, in evaluation order: what paired comparisons between methods
+    # (bootstrap intervals, agreement checks) need beyond the totals.
+    window_nll: list[float] = field(default_factory=list)
+    trial_hits: list[int] = field(default_factory=list)
 
     @property
     def ppl(self) -> float | None:
@@ -116,6 +120,8 @@ class EvalRow:
     bf16_bytes: int
     seconds: float
     detail: str = ""
+    window_nll: tuple[float, ...] = ()  # NLL summed over each perplexity window's continuation
+    trial_hits: tuple[int, ...] = ()  # needle tokens right in each trial
 
 
 @dataclass
@@ -176,6 +182,15 @@ class EvalReport:
             },
         }
 
+    @classmethod
+    def from_json(cls, doc: dict) -> EvalReport:
+        """The report ``to_json`` wrote (the headline is recomputed, not read)."""
+        c = doc["controls"]
+        rows = [EvalRow(**{**r, "window_nll": tuple(r.get("window_nll", ())), "trial_hits": tuple(r.get("trial_hits", ()))})
+                for r in doc["rows"]]
+        return cls(doc["model"], doc.get("artifact"), EvalSettings(**doc["settings"]), c["ppl_uncompressed"],
+                   c["ppl_middle_evicted"], c["retrieval_full_cache"], c["retrieval_middle_evicted"], rows)
+
     def save_json(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_json(), indent=2) + "\n")
 
@@ -234,6 +249,13 @@ METHOD_STYLES: dict[str, dict] = {
     "h2o": dict(color="#1f77b4", marker="h", linestyle=":"),
     "turboquant-2.5": dict(color="#aec7e8", marker="d"),
     "turboquant-3.5": dict(color="#c5b0d5", marker="d"),
+    # kvpress's presses (scripts/bench_vs_kvpress.py): the colour of kvcal's namesake, hollow markers, dashed.
+    "kvpress-streamingllm": dict(color="#9467bd", marker="x", linestyle="--", linewidth=1),
+    "kvpress-snapkv": dict(color="#2ca02c", marker="o", markerfacecolor="none", linestyle="--", linewidth=1),
+    "kvpress-pyramidkv": dict(color="#98df8a", marker="D", markerfacecolor="none", linestyle="--", linewidth=1),
+    "kvpress-knorm": dict(color="#393b79", marker="s", markerfacecolor="none", linestyle="--", linewidth=1),
+    "kvpress-quanto4": dict(color="#e377c2", marker="<", markerfacecolor="none"),
+    "kvpress-quanto2": dict(color="#7f7f7f", marker=">", markerfacecolor="none"),
 }
 
 
@@ -282,7 +304,7 @@ def plot_rate_quality(reports: Sequence[EvalReport], path: str | Path) -> Path:
 def plan_runs(methods: Sequence[str] | None, ratios: Sequence[float] | None, ctx: MethodContext) -> list[RunSpec]:
     """Every (method, ratio) to run, checked before any work; ``uncompressed`` always comes first (the baseline)."""
     explicit = bool(methods)
-    names = list(dict.fromkeys(methods)) if explicit else method_names()
+    names = expand_method_names(methods) if explicit else method_names()
     chosen = [get_method(n) for n in names]
     if ctx.artifact is None:
         needing = [m.name for m in chosen if m.needs_artifact]
@@ -400,7 +422,7 @@ def evaluate(
         t = tallies[spec]
         delta = 100.0 * (t.ppl / base.ppl - 1.0) if t.ppl is not None else None
         rows.append(EvalRow(spec.method.name, spec.ratio, t.ratio, t.ppl, delta, t.accuracy, t.stored_bytes,
-                            t.bf16_bytes, round(t.seconds, 3), spec.detail(ctx)))
+                            t.bf16_bytes, round(t.seconds, 3), spec.detail(ctx), tuple(round(x, 5) for x in t.window_nll), tuple(t.trial_hits)))
     art_name = str(artifact.path) if artifact is not None and artifact.path else None
     return EvalReport(model_name, art_name, settings, base.ppl, tallies[control].ppl, base.accuracy,
                       tallies[control].accuracy, rows)
@@ -419,7 +441,9 @@ def _run_all(model, ctx: MethodContext, tallies: dict[RunSpec, Tally], pre: Pref
         if is_needle:
             tally.hits += scored.hits
             tally.needle_tokens += targets.numel()
+            tally.trial_hits.append(scored.hits)
         else:
             tally.nll += scored.nll
             tally.tokens += targets.numel()
+            tally.window_nll.append(scored.nll)
         bar.update(1)

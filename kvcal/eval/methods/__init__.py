@@ -11,13 +11,19 @@ from kvcal.eval.methods.base import CacheMethod, MethodContext, MethodOutput, Pr
 from kvcal.eval.methods.eviction import H2O, PyramidKV, SnapKV, StreamingLLM
 from kvcal.eval.methods.quantized import Fp8PerToken, Int4PerToken, Int8PerToken, Kivi2, Uncompressed
 from kvcal.eval.methods.transform import Kvtc, KvtcPyramidKV, PcaTruncation
-from kvcal.eval.methods.turboquant import TurboQuant25, TurboQuant35
+from kvcal.eval.methods.turboquant import TurboQuant25, TurboQuant35, TurboQuantProd25, TurboQuantProd35
 
 METHODS: dict[str, type[CacheMethod]] = {
     cls.name: cls
-    for cls in (Uncompressed, Fp8PerToken, Int8PerToken, Int4PerToken, Kivi2, TurboQuant25, TurboQuant35, PcaTruncation,
+    for cls in (Uncompressed, Fp8PerToken, Int8PerToken, Int4PerToken, Kivi2, TurboQuant25, TurboQuant35, TurboQuantProd25,
+                TurboQuantProd35, PcaTruncation,
                 StreamingLLM, SnapKV, H2O, PyramidKV, Kvtc, KvtcPyramidKV)
 }
+
+
+# A family name stands for all of its members: `--method turboquant` runs the paper's bit widths, with and without QJL.
+METHOD_FAMILIES: dict[str, tuple[str, ...]] = {
+    "turboquant": (TurboQuant25.name, TurboQuant35.name, TurboQuantProd25.name, TurboQuantProd35.name)}
 
 
 class UnknownMethodError(KvcalError):
@@ -28,13 +34,23 @@ def method_names() -> list[str]:
     return list(METHODS)
 
 
+def expand_method_names(names) -> list[str]:
+    """``names`` with every family replaced by its members, duplicates dropped, order kept; unknown names raise."""
+    out: list[str] = []
+    for name in names:
+        for member in METHOD_FAMILIES.get(name, (name,)):
+            get_method(member)
+            out.append(member)
+    return list(dict.fromkeys(out))
+
+
 def get_method(name: str) -> CacheMethod:
     """The method registered as ``name``, with its default settings."""
     cls = METHODS.get(name)
     if cls is None:
-        raise UnknownMethodError(f"unknown method {name!r}; known methods: {', '.join(METHODS)}")
+        raise UnknownMethodError(f"unknown method {name!r}; known methods: {', '.join([*METHODS, *METHOD_FAMILIES])}")
     return cls()
 
 
-__all__ = ["METHODS", "CacheMethod", "MethodContext", "MethodOutput", "Prefilled", "UnknownMethodError",
-           "get_method", "method_names"]
+__all__ = ["METHODS", "METHOD_FAMILIES", "CacheMethod", "MethodContext", "MethodOutput", "Prefilled", "UnknownMethodError",
+           "expand_method_names", "get_method", "method_names"]

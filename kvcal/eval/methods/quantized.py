@@ -57,15 +57,19 @@ class RowwiseQuant(CacheMethod):
     def code_rows(self, rows: torch.Tensor) -> QuantizedRows:
         raise NotImplementedError
 
+    def code_rows_of(self, kind: str, rows: torch.Tensor) -> QuantizedRows:
+        """Rows of ``kind`` (``"keys"`` or ``"values"``); a method that treats the two differently overrides this."""
+        return self.code_rows(rows)
+
     def apply(self, pre: Prefilled, ctx: MethodContext, ratio: float | None) -> MethodOutput:
         lo, hi = ctx.middle(pre.length)
         stored, replaced = 0, {}
         for layer in ctx.coded_layers:
             lay = pre.cache.layers[layer]
             new = []
-            for t in (lay.keys, lay.values):
+            for kind, t in (("keys", lay.keys), ("values", lay.values)):
                 mid = t[:, :, lo:hi].float()
-                q = self.code_rows(mid.reshape(-1, mid.shape[-1]))
+                q = self.code_rows_of(kind, mid.reshape(-1, mid.shape[-1]))
                 stored += q.stored_bytes
                 new.append(splice_middle(t, lo, hi, q.values.reshape(mid.shape)))
             replaced[layer] = (new[0], new[1])

@@ -9,8 +9,15 @@ that law, computed numerically once per ``(d, bits)``, quantizes them all near-o
 Fractional bit widths split the rotated coordinates, as in the paper: at 2.5 bits the first half of them get the
 3-bit codebook and the rest the 2-bit one; at 3.5 bits, 4 and 3. Bytes: the codes of each bit width packed as one
 stream per layer and tensor (``ceil(bits × count / 8)``, the codec's ``packed_size`` for 2/4/8 bits) plus one fp16
-norm per token and head. This is TurboQuant-MSE: the paper's optional 1-bit QJL residual (for unbiased inner
-products) is not implemented.
+norm per token and head. That is TurboQuant-MSE (``turboquant-2.5``, ``turboquant-3.5``).
+
+TurboQuant-prod (``turboquant-prod-2.5``, ``turboquant-prod-3.5``) is the paper's inner-product variant, for
+keys, which attention only ever reads through inner products with queries: the keys get TurboQuant-MSE at one
+bit less, and the residual ``r`` of each is stored as the 1-bit QJL sketch ``sign(S r)`` (``S`` a seeded Gaussian
+``[d, d]``, arXiv 2406.03482) plus ``|r|`` in fp16; the key is restored as
+``x_mse + sqrt(pi / 2) / d · |r| · Sᵀ sign(S r)``, whose inner product with any query is unbiased. Values, which
+attention averages, keep TurboQuant-MSE at the full bit width. Bytes per key: ``(bits - 1) · d`` code bits,
+``d`` sign bits and two fp16 norms.
 """
 
 from __future__ import annotations
@@ -119,6 +126,27 @@ def turboquant_rows(rows: torch.Tensor, bits: float, seed: int = ROTATION_SEED) 
     return TurboRows(recon, stored)
 
 
+@functools.cache
+def qjl_projection(d: int, seed: int = ROTATION_SEED) -> torch.Tensor:
+    """The fixed QJL matrix ``S`` ``[d, d]`` (float32) with i.i.d. N(0, 1) entries, seeded apart from the rotation."""
+    return torch.randn(d, d, generator=torch.Generator().manual_seed(10_000 + seed + d), dtype=torch.float64).float()
+
+
+def turboquant_prod_rows(rows: torch.Tensor, bits: float, seed: int = ROTATION_SEED) -> TurboRows:
+    """TurboQuant-prod of each row of ``rows`` ``[n, d]``: MSE codes at ``bits - 1`` plus the QJL sketch of the
+    residual and its fp16 norm, restored so that inner products with the rows are unbiased."""
+    if bits < 2:
+        raise KvcalError(f"TurboQuant-prod needs at least 2 bits per coordinate (1 of them for QJL), got {bits}")
+    n, d = rows.shape
+    mse = turboquant_rows(rows, bits - 1, seed)
+    residual = rows.float() - mse.values
+    gamma = residual.norm(dim=-1, keepdim=True).half().float()
+    s = qjl_projection(d, seed).to(rows.device)
+    signs = torch.where(residual @ s.T >= 0, 1.0, -1.0)
+    recon = mse.values + math.sqrt(math.pi / 2) / d * gamma * (signs @ s)
+    return TurboRows(recon, mse.stored_bytes + (n * d + 7) // 8 + n * FP16_BYTES)
+
+
 @dataclass(frozen=True)
 class TurboQuant(RowwiseQuant):
     """TurboQuant-MSE on keys and values per token and KV head, at ``bits`` bits per coordinate plus an fp16 norm.
@@ -148,4 +176,33 @@ class TurboQuant25(TurboQuant):
 class TurboQuant35(TurboQuant):
     name: ClassVar[str] = "turboquant-3.5"
     summary: ClassVar[str] = "TurboQuant-MSE 3.5 bits: random rotation, Lloyd-Max codes (half 4-bit, half 3-bit), fp16 norm"
+    bits: float = 3.5
+
+
+@dataclass(frozen=True)
+class TurboQuantProd(TurboQuant):
+    """TurboQuant-prod on keys (MSE codes at ``bits - 1``, 1-bit QJL residual, two fp16 norms) and TurboQuant-MSE
+    on values at ``bits``. A fixed-rate method."""
+
+    def check(self, ctx: MethodContext, ratio: float | None) -> None:
+        bit_split(ctx.layout.head_dim, self.bits - 1)
+        bit_split(ctx.layout.v_head_dim, self.bits)
+
+    def code_rows_of(self, kind: str, rows: torch.Tensor):
+        if kind == "keys":
+            return turboquant_prod_rows(rows, self.bits, self.seed)
+        return turboquant_rows(rows, self.bits, self.seed)
+
+
+@dataclass(frozen=True)
+class TurboQuantProd25(TurboQuantProd):
+    name: ClassVar[str] = "turboquant-prod-2.5"
+    summary: ClassVar[str] = "TurboQuant-prod 2.5 bits: keys 1.5-bit MSE codes + 1-bit QJL residual, values TurboQuant-MSE"
+    bits: float = 2.5
+
+
+@dataclass(frozen=True)
+class TurboQuantProd35(TurboQuantProd):
+    name: ClassVar[str] = "turboquant-prod-3.5"
+    summary: ClassVar[str] = "TurboQuant-prod 3.5 bits: keys 2.5-bit MSE codes + 1-bit QJL residual, values TurboQuant-MSE"
     bits: float = 3.5
