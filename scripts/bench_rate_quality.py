@@ -56,7 +56,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--sink", type=int, default=4)
     p.add_argument("--window", type=int, default=128)
     p.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (the bench machine has 2 cores)")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads per model (the bench machine has 2 cores)")
+    p.add_argument("--jobs", type=int, default=2, help="models evaluated at once, one process each")
     p.add_argument("--out", type=Path, default=ROOT / "results", help="output directory")
     p.add_argument("--progress", action="store_true", help="show progress bars")
     return p.parse_args()
@@ -118,29 +119,43 @@ def markdown(reports: list[EvalReport], seconds: dict[str, float], args: argpars
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    args = parse_args()
+def evaluate_model(name: str, args: argparse.Namespace) -> tuple[dict, float, float]:
+    """One model's report (as JSON), evaluation seconds and calibration seconds; runs in a worker process."""
     torch.set_num_threads(args.threads)
     settings = EvalSettings(prefix=args.prefix, continuation=args.continuation, sink=args.sink, window=args.window,
                             windows=args.windows, needles=args.needles, needle_context=args.needle_context).validate()
     texts = load_texts([bundled_corpus("eval")])
+    model_dir = (ROOT / name) if not Path(name).is_absolute() else Path(name)
+    model, tokenizer = load_model(model_dir, args.device)
+    artifact, calib_seconds = artifact_with_ratios(model_dir, args.ratios, model, tokenizer, args.progress)
+    t0 = time.perf_counter()
+    report = evaluate(model, tokenizer, texts, methods=args.methods, ratios=args.ratios, artifact=artifact,
+                      settings=settings, progress=args.progress, model_name=str(model_dir))
+    seconds = time.perf_counter() - t0
+    print(report.table(), flush=True)
+    print(f"({seconds:.0f} s)\n", flush=True)
+    return report.to_json(), seconds, calib_seconds
+
+
+def main() -> None:
+    args = parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    reports, eval_seconds, calib_seconds = [], {}, {}
-    for name in args.models:
-        model_dir = (ROOT / name) if not Path(name).is_absolute() else Path(name)
-        model, tokenizer = load_model(model_dir, args.device)
-        artifact, calib_seconds[str(model_dir)] = artifact_with_ratios(model_dir, args.ratios, model, tokenizer, args.progress)
-        t0 = time.perf_counter()
-        report = evaluate(model, tokenizer, texts, methods=args.methods, ratios=args.ratios, artifact=artifact,
-                          settings=settings, progress=args.progress, model_name=str(model_dir))
-        eval_seconds[str(model_dir)] = time.perf_counter() - t0
-        print(report.table(), flush=True)
-        print(f"({eval_seconds[str(model_dir)]:.0f} s)\n", flush=True)
-        reports.append(report)
+    if args.jobs > 1:
+        # Models are independent: one process each (spawned, so each sets its own torch threads).
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(min(args.jobs, len(args.models)), mp_context=mp.get_context("spawn")) as pool:
+            done = list(pool.map(evaluate_model, args.models, [args] * len(args.models)))
+    else:
+        done = [evaluate_model(name, args) for name in args.models]
+    reports = [EvalReport.from_json(doc) for doc, _, _ in done]
+    eval_seconds = {r.model: s for r, (_, s, _) in zip(reports, done)}
+    calib_seconds = {r.model: c for r, (_, _, c) in zip(reports, done)}
 
     doc = {
         "command": " ".join(sys.argv),
-        "environment": {"torch": torch.__version__, "threads": args.threads, "device": args.device,
+        "environment": {"torch": torch.__version__, "threads": args.threads, "jobs": args.jobs, "device": args.device,
                         "python": platform.python_version(), "machine": platform.machine()},
         "eval_seconds": eval_seconds,
         "calibration_seconds": calib_seconds,

@@ -39,15 +39,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 KVPRESS_VERSION = "0.5.5"
 QUANTO_VERSION = "0.2.7"
-PRESSES = ("streamingllm", "snapkv", "pyramidkv", "knorm")
+PRESSES = ("streamingllm", "snapkv", "pyramidkv", "knorm", "snapkv-matched")
 QUANT_BITS = (4, 2)
 # kvcal's baselines that kvpress also implements: the agreement check pairs them.
-PAIRED = {"streamingllm": "kvpress-streamingllm", "snapkv": "kvpress-snapkv", "pyramidkv": "kvpress-pyramidkv"}
+PAIRED = [("streamingllm", "kvpress-streamingllm"), ("snapkv", "kvpress-snapkv"), ("snapkv", "kvpress-snapkv-matched"),
+          ("pyramidkv", "kvpress-pyramidkv")]
 BOOTSTRAP = 2000
 
 
 # --- worker: runs inside the kvpress environment, imports nothing from kvcal --------------------------------
 def run_worker(job_path: Path, out_path: Path) -> None:
+    from dataclasses import dataclass
+
     import kvpress
     import torch
     import torch.nn.functional as F
@@ -64,8 +67,33 @@ def run_worker(job_path: Path, out_path: Path) -> None:
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     token_bytes = layers * heads * 2 * head_dim * 2  # bf16 keys + values of one token, every layer
     sink, window = job["sink"], job["window"]
+    @dataclass
+    class MatchedSnapKV(kvpress.SnapKVPress):
+        """kvpress's SnapKV (its hook, its window attention) with kvcal's settings: the last ``obs`` queries score
+        the tokens, scores summed over the query heads of a KV head, max-pooled (``kernel``) over the middle only,
+        and the first ``sink`` and last ``recent`` tokens always kept. Agreeing with kvcal's ``snapkv`` shows that the
+        two implement the same rule; any gap to kvpress's own SnapKV is then its parameters."""
+
+        sink: int = 4
+        recent: int = 128
+        obs: int = 32
+        kernel: int = 7
+
+        def score(self, module, hidden_states, keys, values, attentions, kwargs):
+            b, kv_heads, n, _ = keys.shape
+            attn = self.compute_window_attention(module, hidden_states, keys, self.obs, kwargs["position_embeddings"])
+            per_head = attn.sum(2).view(b, kv_heads, -1, n - self.obs).sum(2)
+            middle = per_head[..., self.sink : n - self.recent]
+            pooled = F.max_pool1d(middle.reshape(b * kv_heads, 1, -1), self.kernel, stride=1, padding=self.kernel // 2)
+            scores = torch.full((b, kv_heads, n), float(pooled.max()) + 1.0, dtype=pooled.dtype, device=pooled.device)
+            scores[..., self.sink : n - self.recent] = pooled.reshape(b, kv_heads, -1)
+            return scores
+
     press_classes = {"streamingllm": kvpress.StreamingLLMPress, "snapkv": kvpress.SnapKVPress,
-                     "pyramidkv": kvpress.PyramidKVPress, "knorm": kvpress.KnormPress}
+                     "pyramidkv": kvpress.PyramidKVPress, "knorm": kvpress.KnormPress,
+                     "snapkv-matched": lambda compression_ratio: MatchedSnapKV(
+                         compression_ratio=compression_ratio, sink=sink, recent=window, obs=job["obs_window"],
+                         kernel=job["pool_kernel"])}
 
     def kept_target(n: int, ratio: float) -> int:
         middle = n - sink - window
@@ -135,7 +163,8 @@ def run_worker(job_path: Path, out_path: Path) -> None:
             row["kept_per_layer_needle"] = r["lengths"]
         row["seconds"] = round(time.perf_counter() - t0, 2)
         rows.append(row)
-        print(f"kvpress worker: {run_cfg['name']} done in {row['seconds']:.0f} s", flush=True)
+        at = '' if run_cfg['ratio'] is None else f"@{run_cfg['ratio']:g}"
+        print(f"kvpress worker ({Path(job['model']).name}): {run_cfg['name']}{at} in {row['seconds']:.0f} s", flush=True)
     out_path.write_text(json.dumps({"model": job["model"], "rows": rows, "versions": package_versions()}, indent=1))
 
 
@@ -182,6 +211,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     p.add_argument("--parallel", type=int, default=2, help="models evaluated at once (one worker each)")
     p.add_argument("--out", type=Path, default=ROOT / "results")
+    p.add_argument("--redraw", action="store_true", help="rewrite the .md and .png from OUT/bench_vs_kvpress.json only")
     return p.parse_args()
 
 
@@ -199,6 +229,7 @@ def write_job(report, ratios: list[float], threads: int, work: Path) -> Path:
 
     from kvcal.data import bundled_corpus, load_texts
     from kvcal.eval.harness import needle_trials, perplexity_windows
+    from kvcal.eval.methods.eviction import SnapKV
     from kvcal.models import load_model
 
     s = report.settings
@@ -207,6 +238,7 @@ def write_job(report, ratios: list[float], threads: int, work: Path) -> Path:
     windows = perplexity_windows(tokenizer, texts, s)
     trials = needle_trials(tokenizer, texts, s)
     job = {"model": str(Path(report.model).resolve()), "prefix": s.prefix, "sink": s.sink, "window": s.window,
+           "obs_window": s.obs_window, "pool_kernel": SnapKV().pool_kernel,
            "threads": threads, "windows": list(windows), "trials": [(t.context, t.target) for t in trials],
            "runs": planned_runs(ratios)}
     path = work / f"{Path(report.model).name}.job.pt"
@@ -240,7 +272,7 @@ def kept_detail(r: dict) -> str:
     return "kept per layer (needle): " + ("/".join(map(str, kept)) if len(set(kept)) > 1 else f"{kept[0]} each")
 
 
-def paired_bootstrap(ours, theirs, tokens_per_window: int, needle_tokens: int, seed: int = 0) -> dict:
+def paired_bootstrap(ours, theirs, base_nll, tokens_per_window: int, needle_tokens: int, seed: int = 0) -> dict:
     """Differences ours - kvpress in Δppl % (against the full cache) and in needle accuracy, with 95% intervals
     from resampling windows and trials in pairs."""
     rng = random.Random(seed)
@@ -261,24 +293,46 @@ def paired_bootstrap(ours, theirs, tokens_per_window: int, needle_tokens: int, s
     lo, hi = int(0.025 * BOOTSTRAP), int(0.975 * BOOTSTRAP) - 1
     ppl = {"diff": ppl_diff(range(n_w)), "ci95": [ppl_samples[lo], ppl_samples[hi]]}
     acc = {"diff": acc_diff(range(n_t)), "ci95": [acc_samples[lo], acc_samples[hi]]}
-    ppl["agree"] = ppl["ci95"][0] <= 0.0 <= ppl["ci95"][1] or (ppl["ci95"][0] == ppl["ci95"][1] == 0.0)
-    acc["agree"] = acc["ci95"][0] <= 0.0 <= acc["ci95"][1]
+    # The noise floor: how precisely the harness measures either method's own effect (half the 95% interval of its
+    # Δppl against the full cache, of its needle accuracy). Two implementations agree within noise when their
+    # difference's interval holds 0 or the difference is below that floor.
+    ppl["noise"] = max(own_noise_ppl(ours, base_nll, tokens_per_window, rng), own_noise_ppl(theirs, base_nll, tokens_per_window, rng))
+    acc["noise"] = max(own_noise_acc(ours, needle_tokens, rng), own_noise_acc(theirs, needle_tokens, rng))
+    for d in (ppl, acc):
+        d["agree"] = d["ci95"][0] <= 0.0 <= d["ci95"][1] or abs(d["diff"]) <= d["noise"]
     return {"ppl_pct": ppl, "needle": acc}
+
+
+def own_noise_ppl(row, base_nll, tokens_per_window: int, rng: random.Random) -> float:
+    n = len(base_nll)
+    samples = []
+    for _ in range(BOOTSTRAP):
+        idx = [rng.randrange(n) for _ in range(n)]
+        samples.append(100.0 * (math.exp(sum(row.window_nll[i] - base_nll[i] for i in idx) / (tokens_per_window * n)) - 1))
+    samples.sort()
+    return (samples[int(0.975 * BOOTSTRAP) - 1] - samples[int(0.025 * BOOTSTRAP)]) / 2
+
+
+def own_noise_acc(row, needle_tokens: int, rng: random.Random) -> float:
+    n = len(row.trial_hits)
+    samples = sorted(sum(row.trial_hits[rng.randrange(n)] for _ in range(n)) / (needle_tokens * n) for _ in range(BOOTSTRAP))
+    return (samples[int(0.975 * BOOTSTRAP) - 1] - samples[int(0.025 * BOOTSTRAP)]) / 2
 
 
 def agreement(report, tokens_per_window: int, needle_tokens: int) -> list[dict]:
     by_key = {(r.method, r.target_ratio): r for r in report.rows}
+    base = by_key[("uncompressed", None)]
     out = []
-    for ours_name, theirs_name in PAIRED.items():
+    for ours_name, theirs_name in PAIRED:
         for (method, ratio), ours in sorted(by_key.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
             if method != ours_name or (theirs_name, ratio) not in by_key:
                 continue
             theirs = by_key[(theirs_name, ratio)]
-            out.append({"method": ours_name, "target_ratio": ratio, "ours_ratio": ours.measured_ratio,
+            out.append({"method": ours_name, "kvpress": theirs_name, "target_ratio": ratio, "ours_ratio": ours.measured_ratio,
                         "kvpress_ratio": theirs.measured_ratio, "ours_ppl_delta_pct": ours.ppl_delta_pct,
                         "kvpress_ppl_delta_pct": theirs.ppl_delta_pct, "ours_needle": ours.retrieval,
                         "kvpress_needle": theirs.retrieval,
-                        **paired_bootstrap(ours, theirs, tokens_per_window, needle_tokens)})
+                        **paired_bootstrap(ours, theirs, base.window_nll, tokens_per_window, needle_tokens)})
     return out
 
 
@@ -298,6 +352,7 @@ def markdown(merged: list, checks: dict, sanity: dict, versions: dict, command: 
         "transformers' `QuantizedCache` with optimum-quanto, group 64) quantizes the whole prefill; its ratio is over "
         "the whole prefill.",
     ]
+    lines += summary(merged)
     for report in merged:
         name = Path(report.model).name
         lines += ["", f"## {name}", "",
@@ -313,18 +368,52 @@ def markdown(merged: list, checks: dict, sanity: dict, versions: dict, command: 
         for method, ratio in sorted(report.headline().items(), key=lambda kv: -(kv[1] or 0)):
             lines.append(f"| {method} | {'none' if ratio is None else f'{ratio:.2f}x'} |")
         lines += ["", "Agreement of kvcal's baselines with kvpress's (ours - kvpress; paired bootstrap 95% interval "
-                  "over windows / trials):", "",
-                  "| method | target | ratio ours / kvpress | Δppl % ours / kvpress | diff [95% CI] | needle ours / kvpress "
-                  "| diff [95% CI] | agree |", "|---|---:|---:|---:|---:|---:|---:|---|"]
+                  "over windows / trials). They agree within noise when the interval holds 0 or the difference is "
+                  "below the noise floor (half the 95% interval with which the harness measures either method's own "
+                  "effect, shown after ±):", "",
+                  "| kvcal vs kvpress | target | ratio ours / kvpress | Δppl % ours / kvpress | diff [95% CI] | needle ours / kvpress "
+                  "| diff [95% CI] | agree within noise |", "|---|---:|---:|---:|---:|---:|---:|---|"]
         for c in checks[name]:
             p, a = c["ppl_pct"], c["needle"]
             lines.append(
-                f"| {c['method']} | {c['target_ratio']:g} | {c['ours_ratio']:.2f} / {c['kvpress_ratio']:.2f} | "
+                f"| {c['method']} vs {c['kvpress']} | {c['target_ratio']:g} | {c['ours_ratio']:.2f} / {c['kvpress_ratio']:.2f} | "
                 f"{c['ours_ppl_delta_pct']:+.2f} / {c['kvpress_ppl_delta_pct']:+.2f} | {p['diff']:+.2f} "
-                f"[{p['ci95'][0]:+.2f}, {p['ci95'][1]:+.2f}] | {c['ours_needle']:.3f} / {c['kvpress_needle']:.3f} | "
-                f"{a['diff']:+.3f} [{a['ci95'][0]:+.3f}, {a['ci95'][1]:+.3f}] | "
+                f"[{p['ci95'][0]:+.2f}, {p['ci95'][1]:+.2f}] ±{p['noise']:.2f} | {c['ours_needle']:.3f} / "
+                f"{c['kvpress_needle']:.3f} | {a['diff']:+.3f} [{a['ci95'][0]:+.3f}, {a['ci95'][1]:+.3f}] ±{a['noise']:.3f} | "
                 f"{'yes' if p['agree'] and a['agree'] else 'no'} |")
     return "\n".join(lines) + "\n"
+
+
+def summary(merged: list) -> list[str]:
+    """The README's tables: per model, Δppl % / needle accuracy of every method at each target ratio, the fixed-rate
+    methods at the ratio they reach, and each method's headline ratio."""
+    lines = []
+    for report in merged:
+        ratios = sorted({r.target_ratio for r in report.rows if r.target_ratio is not None})
+        by_method: dict[str, dict] = {}
+        for r in report.rows:
+            by_method.setdefault(r.method, {})[r.target_ratio] = r
+        best = report.headline()
+        lines += ["", f"### Summary: {Path(report.model).name} (Δppl % / needle accuracy; full cache "
+                  f"{report.retrieval_full:.3f}, middle evicted {report.retrieval_evicted:.3f})", "",
+                  "| method | " + " | ".join(f"{r:g}x" for r in ratios) + " | headline |",
+                  "|---|" + "---:|" * (len(ratios) + 1)]
+        for method, rows in by_method.items():
+            if None in rows:
+                continue
+            cells = [f"{rows[r].ppl_delta_pct:+.2f} / {rows[r].retrieval:.2f}" if r in rows else "-" for r in ratios]
+            lines.append(f"| {method} | " + " | ".join(cells) + f" | {_ratio(best.get(method))} |")
+        lines += ["", "| fixed-rate method | measured ratio | Δppl % | needle | headline |", "|---|---:|---:|---:|---:|"]
+        for method, rows in by_method.items():
+            if None in rows and method != "uncompressed":
+                r = rows[None]
+                lines.append(f"| {method} | {r.measured_ratio:.2f}x | {r.ppl_delta_pct:+.2f} | {r.retrieval:.3f} | "
+                             f"{_ratio(best.get(method))} |")
+    return lines
+
+
+def _ratio(x: float | None) -> str:
+    return "none" if x is None else f"{x:.1f}x"
 
 
 def main() -> None:
@@ -336,6 +425,13 @@ def main() -> None:
     from kvcal.eval.harness import EvalReport, plot_rate_quality
     from kvcal.eval.retrieval import NeedleProbe
 
+    if args.redraw:
+        doc = json.loads((args.out / "bench_vs_kvpress.json").read_text())
+        merged = [EvalReport.from_json(d) for d in doc["reports"]]
+        (args.out / "bench_vs_kvpress.md").write_text(
+            markdown(merged, doc["agreement"], doc["sanity_uncompressed_ppl"], doc["kvpress_environment"], doc["command"]))
+        plot_rate_quality(merged, args.out / "bench_vs_kvpress.png")
+        return
     if not args.ours.is_file():
         raise SystemExit(f"{args.ours} not found; run `python scripts/bench_rate_quality.py` first")
     ours_doc = json.loads(args.ours.read_text())

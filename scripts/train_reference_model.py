@@ -303,6 +303,15 @@ def _shape(phase: dict) -> str:
     return f" ({phase['batch']} x {phase['seq_len']} tokens a step)" if "seq_len" in phase else ""
 
 
+def _schedule(card: dict, i: int) -> str:
+    p = card["data_phases"][i]
+    end = card["data_phases"][i + 1]["from_step"] if i + 1 < len(card["data_phases"]) else card["steps"]
+    planned = p.get("schedule_steps", 1400)
+    # Phases recorded with their shape had a schedule of their own; older ones shared one from step 0.
+    text = f"cosine from step {p['from_step']} to {planned}" if "seq_len" in p else f"cosine over {planned} steps from step 0"
+    return text + (f", ended at step {end} (wall-time limit or next phase)" if end < planned else "")
+
+
 def _base_line(card: dict) -> str:
     base = card.get("initialized_from")
     if not base:
@@ -337,7 +346,7 @@ and standard-library modules (code), PSF License 2.0. A share of sequences are p
 spans of 16-64 tokens (runs of random words, foreign text, or their own text) at least 64 tokens after they
 first appear, so the model learns to use the middle of its context. Mix phases (from `model_card.json`):
 
-{chr(10).join(f"- from step {p['from_step']}{_shape(p)}: {int(p['plain_share'] * 100)}% plain, {p['copies'][0]}-{p['copies'][1]} copied spans per copy sequence, {int(p['random_word_share'] * 100)}% of them random words, {int(p.get('repeat_share', 0) * 100)}% of sequences repeating one run of random words 2-4 times, peak lr {p['lr']}, cosine over {p.get('schedule_steps', 1400)} steps" for p in card['data_phases'])}
+{chr(10).join(f"- from step {p['from_step']}{_shape(p)}: {int(p['plain_share'] * 100)}% plain, {p['copies'][0]}-{p['copies'][1]} copied spans per copy sequence, {int(p['random_word_share'] * 100)}% of them random words, {int(p.get('repeat_share', 0) * 100)}% of sequences repeating one run of random words 2-4 times, peak lr {p['lr']}, {_schedule(card, i)}" for i, p in enumerate(card['data_phases']))}
 
 **Needle probe.** `kvcal.eval.retrieval.NeedleProbe` (seed 1, {card['needle_trials']} trials): a 32-token run of
 random words planted at the middle of a {card['seq_len']}-token context from the eval split; its first 8 tokens are

@@ -268,7 +268,8 @@ def test_per_window_figures_add_up_and_survive_json(llama, texts):
 
 
 def test_method_families_expand_in_order():
-    assert expand_method_names(["h2o", "turboquant", "turboquant-3.5"]) == ["h2o", "turboquant-2.5", "turboquant-3.5"]
+    assert expand_method_names(["h2o", "turboquant", "turboquant-3.5"]) == [
+        "h2o", "turboquant-2.5", "turboquant-3.5", "turboquant-prod-2.5", "turboquant-prod-3.5"]
     with pytest.raises(UnknownMethodError, match="turboquant"):
         expand_method_names(["turbo"])
 

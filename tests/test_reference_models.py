@@ -45,10 +45,6 @@ def test_heldout_loss_matches_card_and_beats_unigram(reference):
     assert loss < card["unigram_heldout_loss"] - 1.0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known shortfall (issue 2): after 1251 CPU steps (5.1M tokens) neither reference model has formed induction "
-    "heads; the needle probe is ~0.12 with the full cache and the same with the middle evicted (model cards). "
-    "Remove this mark once a longer training run passes."))
 def test_model_uses_the_middle_of_its_context(reference):
     _, card, model, tok = reference
     trials = NeedleProbe(context_len=card["seq_len"], trials=8, seed=1).build(tok, load_texts([bundled_corpus("eval")]))

@@ -202,15 +202,15 @@ class EvalReport:
         lines.append(f"controls: ppl full {_fmt(self.ppl_uncompressed, '.3f')}, middle evicted {_fmt(self.ppl_evicted, '.3f')}; "
                      f"needle accuracy full {_fmt(self.retrieval_full, '.3f')}, middle evicted {_fmt(self.retrieval_evicted, '.3f')}")
         lines.append("")
-        lines.append(f"{'method':<16}{'target':>8}{'measured':>10}{'ppl':>10}{'Δppl %':>10}{'needle':>8}  detail")
+        lines.append(f"{'method':<22}{'target':>8}{'measured':>10}{'ppl':>10}{'Δppl %':>10}{'needle':>8}  detail")
         for r in self.rows:
-            lines.append(f"{r.method:<16}{_fmt(r.target_ratio, 'g'):>8}{_fmt(r.measured_ratio, '.2f'):>10}"
+            lines.append(f"{r.method:<22}{_fmt(r.target_ratio, 'g'):>8}{_fmt(r.measured_ratio, '.2f'):>10}"
                          f"{_fmt(r.ppl, '.3f'):>10}{_fmt(r.ppl_delta_pct, '+.2f'):>10}{_fmt(r.retrieval, '.3f'):>8}  {r.detail}")
         lines.append("")
         lines.append(f"highest measured ratio with Δppl <= {MAX_PPL_DELTA_PCT:g}% and needle accuracy within "
                      f"{MAX_RETRIEVAL_DROP:g} of the full cache:")
         for method, ratio in self.headline().items():
-            lines.append(f"  {method:<16}{_fmt(ratio, '.2f') + 'x' if ratio else 'none'}")
+            lines.append(f"  {method:<22}{_fmt(ratio, '.2f') + 'x' if ratio else 'none'}")
         warning = self.control_warning()
         if warning:
             lines.append(warning)
@@ -249,11 +249,14 @@ METHOD_STYLES: dict[str, dict] = {
     "h2o": dict(color="#1f77b4", marker="h", linestyle=":"),
     "turboquant-2.5": dict(color="#aec7e8", marker="d"),
     "turboquant-3.5": dict(color="#c5b0d5", marker="d"),
+    "turboquant-prod-2.5": dict(color="#aec7e8", marker="X"),
+    "turboquant-prod-3.5": dict(color="#c5b0d5", marker="X"),
     # kvpress's presses (scripts/bench_vs_kvpress.py): the colour of kvcal's namesake, hollow markers, dashed.
     "kvpress-streamingllm": dict(color="#9467bd", marker="x", linestyle="--", linewidth=1),
     "kvpress-snapkv": dict(color="#2ca02c", marker="o", markerfacecolor="none", linestyle="--", linewidth=1),
     "kvpress-pyramidkv": dict(color="#98df8a", marker="D", markerfacecolor="none", linestyle="--", linewidth=1),
     "kvpress-knorm": dict(color="#393b79", marker="s", markerfacecolor="none", linestyle="--", linewidth=1),
+    "kvpress-snapkv-matched": dict(color="#2ca02c", marker="+", linestyle="-.", linewidth=1),
     "kvpress-quanto4": dict(color="#e377c2", marker="<", markerfacecolor="none"),
     "kvpress-quanto2": dict(color="#7f7f7f", marker=">", markerfacecolor="none"),
 }
@@ -267,7 +270,7 @@ def plot_rate_quality(reports: Sequence[EvalReport], path: str | Path) -> Path:
     """Δppl % and needle accuracy against measured ratio (log x), one line per method, one column per report."""
     plt = pyplot()
 
-    fig, axes = plt.subplots(2, len(reports), figsize=(6.5 * len(reports), 8), squeeze=False)
+    fig, axes = plt.subplots(2, len(reports), figsize=(6.5 * len(reports), 9), squeeze=False)
     for col, report in enumerate(reports):
         top, bottom = axes[0][col], axes[1][col]
         by_method: dict[str, list[EvalRow]] = {}
@@ -295,8 +298,14 @@ def plot_rate_quality(reports: Sequence[EvalReport], path: str | Path) -> Path:
             ax.set_xscale("log")
             ax.set_xlabel("measured compression ratio of the middle tokens (bf16 / stored)")
             ax.grid(True, which="both", alpha=0.3)
-        bottom.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
+    # One legend for the whole figure, below it, so no curve hides behind it.
+    handles: dict[str, object] = {}
+    for ax in axes.flat:
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, h)
+    ncol = min(6, max(1, len(handles)))
+    fig.tight_layout(rect=(0, 0.02 * math.ceil(len(handles) / ncol), 1, 1))
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=ncol, fontsize=7, frameon=False)
     return save_figure(fig, path)
 
 
