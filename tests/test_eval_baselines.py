@@ -123,17 +123,25 @@ def test_codebook_is_lloyd_max_for_the_sphere_coordinate():
     assert torch.equal(book, lloyd_max_codebook.__wrapped__(HEAD_DIM, 3))
 
 
-@pytest.mark.parametrize("name, bits", [("turboquant-2.5", 2.5), ("turboquant-3.5", 3.5)])
-def test_turboquant_counts_every_byte(llama, name, bits):
+# Bytes per token and KV head: keys, values. MSE: codes + an fp16 norm; prod keys: codes at one bit less,
+# QJL sign bits, fp16 norm and fp16 residual norm.
+@pytest.mark.parametrize("name, key_bytes, value_bytes", [
+    ("turboquant-2.5", HEAD_DIM * 2.5 / 8 + 2, HEAD_DIM * 2.5 / 8 + 2),
+    ("turboquant-3.5", HEAD_DIM * 3.5 / 8 + 2, HEAD_DIM * 3.5 / 8 + 2),
+    ("turboquant-prod-2.5", HEAD_DIM * 1.5 / 8 + HEAD_DIM / 8 + 4, HEAD_DIM * 2.5 / 8 + 2),
+    ("turboquant-prod-3.5", HEAD_DIM * 2.5 / 8 + HEAD_DIM / 8 + 4, HEAD_DIM * 3.5 / 8 + 2),
+])
+def test_turboquant_counts_every_byte(llama, name, key_bytes, value_bytes):
     _, model, _ = llama
     ctx = context_for(model)
     pre = prefilled(model, ctx)
     m = pre.length - SINK - WINDOW
     out = get_method(name).apply(pre, ctx, None)
-    per_token_head = HEAD_DIM * bits / 8 + 2  # codes + the fp16 norm
-    assert out.stored_bytes == m * HEADS * 2 * LAYERS * per_token_head  # keys and values
-    d = HEAD_DIM
-    assert out.bf16_bytes / out.stored_bytes == pytest.approx(16 * d / (bits * d + 16), rel=1e-12)
+    assert out.stored_bytes == m * HEADS * LAYERS * (key_bytes + value_bytes)
+    assert out.bf16_bytes / out.stored_bytes == pytest.approx(2 * HEAD_DIM * 2 / (key_bytes + value_bytes), rel=1e-12)
+
+
+def test_turboquant_code_bytes_and_bit_split():
     # 3-bit codes are counted as ceil(3 n / 8) bytes.
     assert turboquant_rows(torch.randn(3, 16), 3.0).stored_bytes == 3 * 2 + math.ceil(3 * 16 * 3 / 8)
     assert bit_split(16, 2.5) == (8, 3, 2) and bit_split(16, 3.5) == (8, 4, 3)
@@ -155,18 +163,6 @@ def test_turboquant_error_falls_with_bits(llama):
     x = torch.randn(4000, 64, generator=torch.Generator().manual_seed(0))
     mse = {b: float(((turboquant_rows(x, b).values - x) ** 2).sum(-1).mean() / (x**2).sum(-1).mean()) for b in (2.5, 3.5)}
     assert 0.05 < mse[2.5] < 0.09 and 0.012 < mse[3.5] < 0.025
-
-
-@pytest.mark.parametrize("bits", [2.5, 3.5])
-def test_turboquant_prod_counts_every_byte(llama, bits):
-    _, model, _ = llama
-    ctx = context_for(model)
-    pre = prefilled(model, ctx)
-    m = pre.length - SINK - WINDOW
-    out = get_method(f"turboquant-prod-{bits}").apply(pre, ctx, None)
-    key = HEAD_DIM * (bits - 1) / 8 + HEAD_DIM / 8 + 2 + 2  # MSE codes, QJL signs, fp16 norm and residual norm
-    value = HEAD_DIM * bits / 8 + 2
-    assert out.stored_bytes == m * HEADS * LAYERS * (key + value)
 
 
 def test_turboquant_prod_inner_products_are_unbiased():
