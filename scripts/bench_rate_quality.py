@@ -119,8 +119,8 @@ def markdown(reports: list[EvalReport], seconds: dict[str, float], args: argpars
     return "\n".join(lines) + "\n"
 
 
-def evaluate_model(name: str, args: argparse.Namespace) -> tuple[dict, float, float]:
-    """One model's report (as JSON), evaluation seconds and calibration seconds; runs in a worker process."""
+def evaluate_model(name: str, args: argparse.Namespace) -> tuple[EvalReport, float, float]:
+    """One model's report, evaluation seconds and calibration seconds; runs in a worker process."""
     torch.set_num_threads(args.threads)
     settings = EvalSettings(prefix=args.prefix, continuation=args.continuation, sink=args.sink, window=args.window,
                             windows=args.windows, needles=args.needles, needle_context=args.needle_context).validate()
@@ -134,7 +134,7 @@ def evaluate_model(name: str, args: argparse.Namespace) -> tuple[dict, float, fl
     seconds = time.perf_counter() - t0
     print(report.table(), flush=True)
     print(f"({seconds:.0f} s)\n", flush=True)
-    return report.to_json(), seconds, calib_seconds
+    return report, seconds, calib_seconds
 
 
 def main() -> None:
@@ -149,7 +149,7 @@ def main() -> None:
             done = list(pool.map(evaluate_model, args.models, [args] * len(args.models)))
     else:
         done = [evaluate_model(name, args) for name in args.models]
-    reports = [EvalReport.from_json(doc) for doc, _, _ in done]
+    reports = [report for report, _, _ in done]
     eval_seconds = {r.model: s for r, (_, s, _) in zip(reports, done)}
     calib_seconds = {r.model: c for r, (_, _, c) in zip(reports, done)}
 

@@ -47,7 +47,7 @@ PAIRED = [("streamingllm", "kvpress-streamingllm"), ("snapkv", "kvpress-snapkv")
 BOOTSTRAP = 2000
 
 
-# --- worker: runs inside the kvpress environment, imports nothing from kvcal --------------------------------
+# --- worker: runs inside the kvpress environment ----------------------------------------------------------------
 def run_worker(job_path: Path, out_path: Path) -> None:
     from dataclasses import dataclass
 
@@ -56,6 +56,11 @@ def run_worker(job_path: Path, out_path: Path) -> None:
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM, DynamicCache, QuantizedCache
     from transformers.utils import logging as hf_logging
+
+    # kvcal's teacher-forced step needs only torch and transformers, so the worker scores with the very code
+    # kvcal's harness uses (kvcal's other dependencies are not installed in this environment).
+    sys.path.insert(0, str(ROOT))
+    from kvcal.eval.scoring import continue_from
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
@@ -131,15 +136,11 @@ def run_worker(job_path: Path, out_path: Path) -> None:
             exact = (sink + window) * token_bytes
             stored = sum(lengths) * heads * 2 * head_dim * 2 - exact
             bf16 = (n - sink - window) * token_bytes
-        positions = torch.arange(n, n + feed.numel())[None]
         if len(set(lengths)) == 1:
-            logits = model(input_ids=feed[None], past_key_values=cache, position_ids=positions, use_cache=True).logits[0]
+            logits = continue_from(model, cache, feed[None], n)[0]
         else:
             # Layers of different lengths (PyramidKV) need a mask per layer; one token at a time needs none.
-            logits = torch.cat([model(input_ids=feed[None, i : i + 1], past_key_values=cache,
-                                      position_ids=positions[:, i : i + 1], use_cache=True).logits[0]
-                                for i in range(feed.numel())])
-        logits = logits.float()
+            logits = torch.cat([continue_from(model, cache, feed[None, i : i + 1], n + i)[0] for i in range(feed.numel())])
         return {"nll": float(F.cross_entropy(logits, targets, reduction="sum")),
                 "hits": int((logits.argmax(-1) == targets).sum()), "stored": stored, "bf16": bf16, "lengths": lengths}
 
@@ -226,14 +227,14 @@ def planned_runs(ratios: list[float]) -> list[dict]:
 def write_job(report, ratios: list[float], threads: int, work: Path) -> Path:
     """The worker's input: the exact token ids kvcal's harness scored for ``report``."""
     import torch
+    from transformers import AutoTokenizer
 
     from kvcal.data import bundled_corpus, load_texts
     from kvcal.eval.harness import needle_trials, perplexity_windows
     from kvcal.eval.methods.eviction import SnapKV
-    from kvcal.models import load_model
 
     s = report.settings
-    _, tokenizer = load_model(report.model, "cpu")
+    tokenizer = AutoTokenizer.from_pretrained(report.model, local_files_only=True)
     texts = load_texts([bundled_corpus("eval")])
     windows = perplexity_windows(tokenizer, texts, s)
     trials = needle_trials(tokenizer, texts, s)

@@ -20,7 +20,7 @@ from kvcal.errors import DataError
               help="Evaluation text: .txt/.md/.rst, directories, or .jsonl with a \"text\" field (default: bundled eval corpus).")
 @click.option("--ratio", "ratios", multiple=True, type=float,
               help="Target ratio for methods with a knob (repeatable; default: the artifact's ratios).")
-@click.option("--method", "methods", multiple=True, help="Method to compare (repeatable; default: all; `turboquant` means both bit widths).")
+@click.option("--method", "methods", multiple=True, help="Method to compare (repeatable; default: all; `turboquant` runs its four variants).")
 @click.option("--prefix", default=768, show_default=True, help="Tokens prefilled before the continuation.")
 @click.option("--continuation", default=128, show_default=True, help="Tokens scored after the prefix.")
 @click.option("--sink", default=4, show_default=True, help="First tokens every method keeps exact.")
