@@ -4,7 +4,13 @@
 ``{kind}.{g}.basis`` (only the columns some ratio uses), ``{kind}.{g}.eigenvalues`` and one
 ``{kind}.{g}.alloc.{ratio}`` table of (start, size, quantizer type) rows per ratio; plus the PyramidKV
 layer weights. The safetensors metadata key ``kvcal`` is a JSON document with the format version, the model
-fingerprint and the calibration settings; ``kvcal.json`` beside it is the same document, for people.
+fingerprint and the calibration settings; the metadata key ``kvcal_sha256`` is a sha256 over that document and
+every tensor (name, dtype, shape, bytes, in name order), checked on every load.
+
+The safetensors file *is* the artifact: it is written to a temporary name, fsynced, renamed into place and the
+directory fsynced, so a crash leaves the old artifact or the new one. ``kvcal.json`` beside it is a summary for
+people, derived from it and written after it; nothing ever reads it back (a missing, stale or edited summary
+neither breaks nor alters loading). Its ``artifact_sha256`` field names the checksum it was written from.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ ARTIFACT_FORMAT = "kvcal-artifact"
 ARTIFACT_VERSION = 1
 ARTIFACT_FILE = "kvcal.safetensors"
 SUMMARY_FILE = "kvcal.json"
+CHECKSUM_KEY = "kvcal_sha256"  # safetensors metadata key of the content checksum
 _VOLATILE_CONFIG_KEYS = {
     "transformers_version", "_name_or_path", "torch_dtype", "dtype", "_attn_implementation",
     "_attn_implementation_autoset", "use_cache", "output_attentions", "output_hidden_states", "return_dict",
@@ -71,8 +78,28 @@ def model_fingerprint(model, layout: KVLayout) -> dict:
 
 
 def fingerprint_mismatches(expected: dict, actual: dict) -> list[str]:
-    keys = [k for k in expected if k != "architectures"]
-    return [f"{k} (artifact {expected.get(k)!r}, model {actual.get(k)!r})" for k in keys if expected.get(k) != actual.get(k)]
+    """Every differing field with both values (the long form, shown by ``--verbose``)."""
+    return [f"{k} (artifact {expected.get(k)!r}, model {actual.get(k)!r})" for k in _differing_fields(expected, actual)]
+
+
+# How the one-line mismatch error names each fingerprint field.
+FINGERPRINT_FIELD_NAMES = {
+    "model_type": "model type", "num_layers": "layer count", "num_kv_heads": "KV head count", "head_dim": "head dim",
+    "v_head_dim": "value head dim", "rotary_dim": "rotary dim", "rope": "RoPE settings", "config_sha256": "config",
+    "attention_sha256": "attention weights",
+}
+
+
+def _differing_fields(expected: dict, actual: dict) -> list[str]:
+    return [k for k in expected if k != "architectures" and expected.get(k) != actual.get(k)]
+
+
+def fingerprint_error(expected: dict, actual: dict) -> str:
+    """One short line naming the fields that differ, e.g. "... attention weights and config differ; ..."."""
+    names = [FINGERPRINT_FIELD_NAMES.get(k, k) for k in _differing_fields(expected, actual)]
+    listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+    return (f"artifact was made for another model: {listed} differ{'s' if len(names) == 1 else ''}; "
+            "pass --verbose for the values, or recalibrate for this model")
 
 
 # --- the artifact -------------------------------------------------------------------------------------------
@@ -123,16 +150,23 @@ class Artifact:
 
     # --- io ------------------------------------------------------------------------------------------
     def save(self, out_dir: str | Path) -> Path:
-        """Write atomically: each file goes to a temporary name in ``out_dir`` and is renamed into place."""
+        """Write the safetensors file atomically (temp file, fsync, rename, directory fsync), then the summary.
+
+        Temporary files a killed earlier save left in ``out_dir`` are removed first.
+        """
         from safetensors.torch import save_file
 
         out = Path(out_dir)
         try:
             out.mkdir(parents=True, exist_ok=True)
+            remove_stale_temp_files(out)
             meta_json = json.dumps(self.meta, sort_keys=True)
             tensors = {k: v.detach().cpu().contiguous() for k, v in self.tensors.items()}
-            _atomic_write(out / ARTIFACT_FILE, lambda p: save_file(tensors, str(p), metadata={"kvcal": meta_json}))
-            _atomic_write(out / SUMMARY_FILE, lambda p: Path(p).write_text(json.dumps(self.meta, indent=2, sort_keys=True) + "\n"))
+            checksum = content_checksum(meta_json, tensors)
+            metadata = {"kvcal": meta_json, CHECKSUM_KEY: checksum}
+            _atomic_write(out / ARTIFACT_FILE, lambda p: save_file(tensors, str(p), metadata=metadata))
+            summary = {**self.meta, "artifact_sha256": checksum}
+            _atomic_write(out / SUMMARY_FILE, lambda p: Path(p).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n"))
         except OSError as e:
             raise ArtifactError(f"cannot write the artifact to {out}: {e.strerror or e}; choose a writable --out") from None
         self.path = out / ARTIFACT_FILE
@@ -140,6 +174,7 @@ class Artifact:
 
     @classmethod
     def load(cls, path: str | Path) -> Artifact:
+        """Read and verify ``kvcal.safetensors`` (never ``kvcal.json``): checksum, then document, then shapes."""
         from safetensors import SafetensorError, safe_open
 
         p = Path(path)
@@ -149,12 +184,14 @@ class Artifact:
             raise ArtifactError(f"no kvcal artifact at {path}; run `kvcal calibrate` on the model first")
         try:
             with safe_open(str(p), framework="pt") as f:
-                raw_meta = (f.metadata() or {}).get("kvcal")
+                file_meta = f.metadata() or {}
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise ArtifactError(f"{p} is not a readable safetensors file ({str(e).splitlines()[0]}); recalibrate") from None
+        raw_meta = file_meta.get("kvcal")
         if raw_meta is None:
             raise ArtifactError(f"{p} has no kvcal metadata; it was not written by kvcal calibrate")
+        verify_checksum(p, raw_meta, tensors, file_meta.get(CHECKSUM_KEY))
         try:
             meta = json.loads(raw_meta)
         except json.JSONDecodeError:
@@ -196,7 +233,7 @@ class Artifact:
         actual = model_fingerprint(model, layout or adapter_for(model).layout())
         diff = fingerprint_mismatches(self.fingerprint, actual)
         if diff:
-            raise ArtifactError(f"artifact was made for another model: {'; '.join(diff)}")
+            raise ArtifactError(fingerprint_error(self.fingerprint, actual), detail="; ".join(diff))
 
     def stored_parameters(self) -> int:
         return sum(t.numel() for k, t in self.tensors.items() if k.endswith((".mean", ".basis")))
@@ -213,17 +250,83 @@ def check_allocation(groups: tuple[QuantGroup, ...], rank: int) -> None:
         raise ArtifactError("an allocation uses basis columns the artifact does not store; recalibrate")
 
 
+# --- integrity and atomic writes ------------------------------------------------------------------------------
+def content_checksum(meta_json: str, tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over the metadata document and every tensor's name, dtype, shape and bytes, in name order."""
+    h = hashlib.sha256()
+    h.update(b"kvcal-artifact-checksum-v1\0")
+    h.update(meta_json.encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"\0{name}\0{str(t.dtype).removeprefix('torch.')}\0{list(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def verify_checksum(path: Path, meta_json: str, tensors: dict[str, torch.Tensor], stored: str | None) -> None:
+    """Refuse a file whose metadata or tensor data no longer match the checksum written with them."""
+    if not stored:
+        raise ArtifactError(f"{path} has no content checksum (written by an older kvcal or edited); recalibrate")
+    if content_checksum(meta_json, tensors) != stored:
+        raise ArtifactError(f"{path} is corrupted (checksum mismatch); recalibrate")
+
+
+TEMP_PATTERNS = (f".{ARTIFACT_FILE}.*.tmp", f".{SUMMARY_FILE}.*.tmp")
+
+
+def remove_stale_temp_files(directory: Path) -> list[Path]:
+    """Delete the temporary files an interrupted save left behind (kvcal's names only). Not for concurrent saves."""
+    removed = []
+    for pattern in TEMP_PATTERNS:
+        for tmp in directory.glob(pattern):
+            try:
+                tmp.unlink()
+                removed.append(tmp)
+            except FileNotFoundError:
+                pass
+    return removed
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux allows (os.umask alone is racy across threads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # e.g. platforms that cannot open directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def _atomic_write(target: Path, write) -> None:
+    """``write(tmp)``, fsync, mode ``0o666 & ~umask``, rename onto ``target``, fsync the directory."""
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     try:
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_dir(target.parent)
 
 
 def allocation_table(groups: tuple[QuantGroup, ...]) -> torch.Tensor:

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 
 class KvcalError(Exception):
-    """Base class: the CLI prints ``str(err)`` on one line and exits non-zero, without a traceback."""
+    """Base class: the CLI prints ``str(err)`` on one line and exits non-zero, without a traceback.
+
+    ``detail`` (optional) is the long form (hashes, every value), printed by the CLI only with ``--verbose``.
+    """
+
+    def __init__(self, *args, detail: str | None = None):
+        super().__init__(*args)
+        self.detail = detail
 
 
 class ModelError(KvcalError):
