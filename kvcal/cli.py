@@ -6,21 +6,52 @@ Every user error is a ``KvcalError``: printed as one line on stderr, exit status
 from __future__ import annotations
 
 import json
+import logging
 import sys
+import warnings
 from pathlib import Path
 
 import click
 
 from kvcal import __version__
+from kvcal.clitools import check_output_dir, check_ratios, is_verbose, verbose_option
 from kvcal.errors import KvcalError
+
+
+class _DropPastKeyValuesNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "past_key_values" not in record.getMessage()
+
+
+_DROP_NOTICE = _DropPastKeyValuesNotice()
+
+
+def quiet_transformers_deprecations() -> None:
+    """Keep transformers' ``past_key_values`` deprecation notices (FutureWarning and log line) out of CLI output.
+
+    kvcal passes caches the way every transformers 5.x release accepts; the notices are for library authors.
+    Call inside ``warnings.catch_warnings()`` to scope the filter (the log filter is idempotent).
+    """
+    warnings.filterwarnings("ignore", message=r"`past_key_values` is deprecated", category=FutureWarning)
+    logging.getLogger("transformers.utils.generic").addFilter(_DROP_NOTICE)
 
 
 class KvcalGroup(click.Group):
     def invoke(self, ctx):
         try:
-            return super().invoke(ctx)
+            with warnings.catch_warnings():
+                quiet_transformers_deprecations()
+                return super().invoke(ctx)
         except KvcalError as e:
             click.echo(f"kvcal: error: {e}", err=True)
+            if e.detail and is_verbose(ctx):
+                click.echo(f"kvcal: detail: {e.detail}", err=True)
+            sys.exit(2)
+        except click.UsageError as e:
+            # A bad option value of a subcommand (``--ratio abc``): one line too, with where to find the usage.
+            if e.ctx is None or e.ctx is ctx:
+                raise
+            click.echo(f"kvcal: error: {e.format_message()} (see kvcal {e.ctx.info_name} --help)", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
             click.echo("kvcal: interrupted; nothing was written", err=True)
@@ -29,6 +60,7 @@ class KvcalGroup(click.Group):
 
 @click.group(cls=KvcalGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="kvcal")
+@verbose_option
 def main() -> None:
     """KV-cache transform coding (KVTC) calibration and evaluation for Hugging Face causal LMs."""
 
@@ -48,11 +80,22 @@ def main() -> None:
 @click.option("--rank-cap", type=int, help="Keep at most this many PCA components.")
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]), show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
+@verbose_option
 def calibrate(model_dir, data, recipe, ratios, out, sink, window, max_tokens, seq_len, pca_grouping, rank_cap, device, as_json):
     """Fit PCA bases, DP bit allocations and PyramidKV budgets; write MODEL_DIR/kvcal/.
 
     With no MODEL_DIR, calibrates the bundled reference model on the bundled corpus.
     """
+    # Everything the command line alone can get wrong fails here, in one line, before the model is touched.
+    check_ratios(ratios)
+    check_output_dir(out if out is not None else (model_dir or _bundled_model()) / "kvcal", "--out" if out is not None else "output directory")
+    for name, value in (("--max-tokens", max_tokens), ("--seq-len", seq_len), ("--rank-cap", rank_cap)):
+        if value is not None and value < 1:
+            raise click.BadParameter(f"{value} is not a positive integer", param_hint=f"'{name}'")
+    for name, value in (("--sink", sink), ("--window", window)):
+        if value is not None and value < 0:
+            raise click.BadParameter(f"{value} must be >= 0", param_hint=f"'{name}'")
+
     from kvcal.calibration import calibrate as run
 
     report = run(
@@ -65,6 +108,12 @@ def calibrate(model_dir, data, recipe, ratios, out, sink, window, max_tokens, se
         click.echo(json.dumps(summary, indent=2))
         return
     click.echo(render_calibration(summary))
+
+
+def _bundled_model() -> Path:
+    from kvcal.data import bundled_model
+
+    return bundled_model()
 
 
 def render_calibration(s: dict) -> str:

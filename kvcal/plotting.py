@@ -22,7 +22,8 @@ def pyplot():
 def save_figure(fig, path: str | Path) -> Path:
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    # "tight" grows the saved area to every artist, so a figure-level legend below the axes is never cut off.
+    fig.savefig(out, dpi=110, bbox_inches="tight", pad_inches=0.1)
     fig.clf()
     pyplot().close(fig)
     return out

@@ -10,7 +10,21 @@ from pathlib import Path
 
 import click
 
-from kvcal.errors import DataError
+from kvcal.clitools import check_output_file, check_ratios, verbose_option, write_error
+
+
+def _list_methods(ctx: click.Context, _param, value: bool) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    from kvcal.eval.methods import METHOD_ALIASES, method_summaries
+
+    rows = method_summaries()
+    width = max(len(name) for name, _ in rows)
+    for name, summary in rows:
+        click.echo(f"{name:<{width}}  {summary}")
+    click.echo("aliases: " + ", ".join(f"{a} = {t}" for a, t in METHOD_ALIASES.items())
+               + "; names also match ignoring case, '-', '_' and spaces")
+    ctx.exit(0)
 
 
 @click.command("eval")
@@ -25,13 +39,16 @@ from kvcal.errors import DataError
 @click.option("--continuation", default=128, show_default=True, help="Tokens scored after the prefix.")
 @click.option("--sink", default=4, show_default=True, help="First tokens every method keeps exact.")
 @click.option("--window", default=128, show_default=True, help="Last tokens every method keeps exact.")
-@click.option("--windows", default=16, show_default=True, help="Perplexity windows.")
-@click.option("--needles", default=16, show_default=True, help="Needle-probe trials (0 to skip retrieval).")
+@click.option("--windows", default=64, show_default=True, help="Perplexity windows.")
+@click.option("--needles", default=128, show_default=True, help="Needle-probe trials (0 to skip retrieval).")
 @click.option("--needle-context", default=1024, show_default=True, help="Tokens in each needle-probe context.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write every figure as JSON.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the rate–quality plot (PNG).")
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]), show_default=True)
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar on stderr.")
+@click.option("--list-methods", is_flag=True, expose_value=False, is_eager=True, callback=_list_methods,
+              help="Print every method (and family) with its one-line summary, and exit.")
+@verbose_option
 def eval_command(model_dir, artifact, data, ratios, methods, prefix, continuation, sink, window, windows, needles,
                  needle_context, json_path, plot_path, device, progress):
     """Rate–quality of KVTC and baselines: continuation perplexity and needle retrieval vs compression ratio.
@@ -44,8 +61,9 @@ def eval_command(model_dir, artifact, data, ratios, methods, prefix, continuatio
     from kvcal.models import check_model_dir, load_model
 
     expand_method_names(methods)  # fail on an unknown name before loading anything
-    if any(r <= 1.0 for r in ratios):
-        raise DataError("--ratio values must be greater than 1 (bf16 bytes / stored bytes)")
+    check_ratios(ratios)
+    check_output_file(json_path, "--json")
+    check_output_file(plot_path, "--plot")
     settings = EvalSettings(prefix=prefix, continuation=continuation, sink=sink, window=window, windows=windows,
                             needles=needles, needle_context=needle_context).validate()
     model_dir = check_model_dir(model_dir or bundled_model())
@@ -56,11 +74,19 @@ def eval_command(model_dir, artifact, data, ratios, methods, prefix, continuatio
                       artifact=art, settings=settings, progress=progress, model_name=str(model_dir))
     click.echo(report.table())
     if json_path:
-        report.save_json(json_path)
+        _write(lambda: report.save_json(json_path), json_path, "--json")
         click.echo(f"wrote {json_path}")
     if plot_path:
-        report.plot(plot_path)
+        _write(lambda: report.plot(plot_path), plot_path, "--plot")
         click.echo(f"wrote {plot_path}")
+
+
+def _write(write, path: Path, option: str) -> None:
+    """Run ``write()``; a failure of the file system becomes one line, not a traceback."""
+    try:
+        write()
+    except OSError as e:
+        raise write_error(path, option, e) from None
 
 
 def find_artifact(artifact: Path | None, model_dir: Path):
@@ -79,6 +105,7 @@ def find_artifact(artifact: Path | None, model_dir: Path):
 @click.option("--json", "as_json", is_flag=True, help="Print every figure as JSON.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Write bit allocations, explained variance and budgets as a PNG.")
+@verbose_option
 def inspect_command(path, as_json, plot_path):
     """What a calibration artifact holds: per ratio, coordinates per quantizer, bits, variance kept; budgets.
 
@@ -86,9 +113,10 @@ def inspect_command(path, as_json, plot_path):
     """
     from kvcal.inspect import inspect_artifact
 
+    check_output_file(plot_path, "--plot")
     summary = inspect_artifact(path)
     if plot_path:
-        summary.plot(plot_path)
+        _write(lambda: summary.plot(plot_path), plot_path, "--plot")
     if as_json:
         click.echo(json.dumps(summary.to_json(), indent=2))
     else:
