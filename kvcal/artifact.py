@@ -154,7 +154,7 @@ class Artifact:
 
         Temporary files a killed earlier save left in ``out_dir`` are removed first.
         """
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         out = Path(out_dir)
         try:
@@ -164,7 +164,9 @@ class Artifact:
             tensors = {k: v.detach().cpu().contiguous() for k, v in self.tensors.items()}
             checksum = content_checksum(meta_json, tensors)
             metadata = {"kvcal": meta_json, CHECKSUM_KEY: checksum}
-            _atomic_write(out / ARTIFACT_FILE, lambda p: save_file(tensors, str(p), metadata=metadata))
+            # Serialized here and written by us: save_file would make its own hidden temp file that a kill leaves behind.
+            payload = save(tensors, metadata=metadata)
+            _atomic_write(out / ARTIFACT_FILE, lambda p: Path(p).write_bytes(payload))
             summary = {**self.meta, "artifact_sha256": checksum}
             _atomic_write(out / SUMMARY_FILE, lambda p: Path(p).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n"))
         except OSError as e:
