@@ -69,7 +69,7 @@ def main() -> None:
 @click.argument("model_dir", required=False, type=click.Path(path_type=Path))
 @click.option("--data", multiple=True, type=click.Path(path_type=Path),
               help=".txt/.md/.rst files, directories of them, or .jsonl with a \"text\" field (repeatable).")
-@click.option("--recipe", type=click.Path(path_type=Path), help="TOML recipe (default: recipes/<model_type>.toml).")
+@click.option("--recipe", type=click.Path(path_type=Path), help="TOML recipe (default: the shipped kvcal/recipes/<model_type>.toml).")
 @click.option("--ratio", "ratios", multiple=True, type=float, help="Target compression ratio vs bf16 (repeatable).")
 @click.option("--out", type=click.Path(path_type=Path), help="Output directory (default: MODEL_DIR/kvcal).")
 @click.option("--sink", type=int, help="Attention-sink tokens kept exact (default 4).")

@@ -22,13 +22,31 @@ def artifacts_root() -> Path:
 
 
 def bundled_model(name: str = "kvcal-ref-llama") -> Path:
-    return artifacts_root() / name
+    """A reference model of the repository's ``artifacts/``; ``ModelError`` saying where it lives if absent.
+
+    The models are not in the wheel (55 MB with the corpora): an installed, non-editable kvcal has none.
+    """
+    path = artifacts_root() / name
+    if not (path / "config.json").is_file():
+        from kvcal.errors import ModelError
+
+        raise ModelError(
+            f"the bundled reference model is not at {path}: it lives in the kvcal repository's artifacts/{name}; "
+            "install from a clone with pip install -e . (or set KVCAL_ARTIFACTS), or pass MODEL_DIR"
+        )
+    return path
 
 
 def bundled_corpus(split: str) -> Path:
-    """``calib``, ``eval`` (committed, plain JSONL) or ``train`` (xz-compressed JSONL)."""
+    """``calib``, ``eval`` (committed, plain JSONL) or ``train`` (xz-compressed JSONL); ``DataError`` if absent."""
     name = "train.jsonl.xz" if split == "train" else f"{split}.jsonl"
-    return artifacts_root() / "corpus" / name
+    path = artifacts_root() / "corpus" / name
+    if not path.is_file():
+        raise DataError(
+            f"the bundled {split} corpus is not at {path}: it lives in the kvcal repository's artifacts/corpus/{name}; "
+            "install from a clone with pip install -e . (or set KVCAL_ARTIFACTS), or pass --data"
+        )
+    return path
 
 
 def _read_jsonl(path: Path) -> list[str]:

@@ -1,10 +1,15 @@
-"""Calibration recipes: per-family defaults in ``recipes/*.toml``, overridden by command-line flags."""
+"""Calibration recipes: per-family defaults in ``kvcal/recipes/*.toml``, overridden by command-line flags.
+
+The shipped recipes are package data, read through ``importlib.resources``, so an installed (not editable) kvcal
+has them too. A family kvcal supports must have one: a missing recipe is an error, never a silent fallback.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import sys
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
 if sys.version_info >= (3, 11):
@@ -15,7 +20,20 @@ else:  # pragma: no cover
 from kvcal.codec.quantize import QUANT_TYPES
 from kvcal.errors import DataError, RatioError
 
-RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+RECIPES_PACKAGE = "kvcal"
+RECIPES_SUBDIR = "recipes"
+RECIPES_DIR = Path(__file__).resolve().parent / RECIPES_SUBDIR  # where they are in a regular (file system) install
+
+
+def shipped_recipe(model_type: str):
+    """The packaged recipe for ``model_type`` (an ``importlib.resources`` Traversable), or None."""
+    res = resources.files(RECIPES_PACKAGE) / RECIPES_SUBDIR / f"{model_type}.toml"
+    return res if res.is_file() else None
+
+
+def shipped_recipe_names() -> list[str]:
+    folder = resources.files(RECIPES_PACKAGE) / RECIPES_SUBDIR
+    return sorted(r.name[: -len(".toml")] for r in folder.iterdir() if r.name.endswith(".toml")) if folder.is_dir() else []
 
 
 @dataclass(frozen=True)
@@ -63,25 +81,41 @@ class Recipe:
 
 
 def load_recipe(path: str | Path | None = None, model_type: str | None = None, **overrides) -> Recipe:
-    """The recipe at ``path``, else ``recipes/<model_type>.toml`` if present, else defaults; then ``overrides``."""
+    """The recipe at ``path``, else the shipped ``recipes/<model_type>.toml``, else defaults; then ``overrides``.
+
+    Defaults are used only for a model type kvcal has no adapter for; a supported family whose shipped recipe
+    cannot be found (a broken install) raises ``DataError``.
+    """
     fields = {f.name for f in dataclasses.fields(Recipe)}
     values: dict = {}
     source = "built-in defaults"
-    candidate = Path(path) if path else (RECIPES_DIR / f"{model_type}.toml" if model_type else None)
-    if path and not candidate.is_file():
-        raise DataError(f"recipe {path} does not exist; pass a TOML file such as recipes/llama.toml")
-    if candidate is not None and candidate.is_file():
+    text = name = None
+    if path:
+        candidate = Path(path)
+        if not candidate.is_file():
+            raise DataError(f"recipe {path} does not exist; pass a TOML file such as kvcal/recipes/llama.toml")
+        text, name = candidate.read_text(), str(candidate)
+    elif model_type:
+        res = shipped_recipe(model_type)
+        if res is not None:
+            # Shipped recipes are named relative to the package, so artifacts do not depend on where it lives.
+            text, name = res.read_text(encoding="utf-8"), f"recipes/{model_type}.toml"
+        elif _is_supported(model_type):
+            raise DataError(
+                f"kvcal's recipe for {model_type} (kvcal/recipes/{model_type}.toml) is missing from this install; "
+                "reinstall kvcal or pass --recipe FILE"
+            )
+    if text is not None:
         try:
-            doc = tomllib.loads(candidate.read_text())
+            doc = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
-            raise DataError(f"recipe {candidate} is not valid TOML ({e})") from None
+            raise DataError(f"recipe {name} is not valid TOML ({e})") from None
         flat = {**doc.get("calibration", {}), **{f"pyramid_{k}": v for k, v in doc.get("pyramid", {}).items()}}
         unknown = sorted(set(flat) - fields)
         if unknown:
-            raise DataError(f"recipe {candidate} has unknown keys {', '.join(unknown)}")
+            raise DataError(f"recipe {name} has unknown keys {', '.join(unknown)}")
         values.update(flat)
-        # Shipped recipes are named relative to the repository, so artifacts do not depend on where it lives.
-        source = f"recipes/{candidate.name}" if candidate.resolve().parent == RECIPES_DIR else str(candidate)
+        source = name if not path or Path(path).resolve().parent != RECIPES_DIR else f"recipes/{Path(path).name}"
     values.update({k: v for k, v in overrides.items() if v is not None and v != ()})
     for key in ("ratios", "quant_types", "group_sizes"):
         if key in values:
@@ -89,3 +123,9 @@ def load_recipe(path: str | Path | None = None, model_type: str | None = None, *
     if "ratios" in values:
         values["ratios"] = tuple(float(r) for r in values["ratios"])
     return Recipe(**values, source=source).validate()
+
+
+def _is_supported(model_type: str) -> bool:
+    from kvcal.adapters import ADAPTERS
+
+    return model_type in ADAPTERS
