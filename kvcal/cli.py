@@ -88,7 +88,10 @@ def calibrate(model_dir, data, recipe, ratios, out, sink, window, max_tokens, se
     """
     # Everything the command line alone can get wrong fails here, in one line, before the model is touched.
     check_ratios(ratios)
-    check_output_dir(out if out is not None else (model_dir or _bundled_model()) / "kvcal", "--out" if out is not None else "output directory")
+    if out is not None:
+        check_output_dir(out, "--out")
+    elif model_dir is None or model_dir.is_dir():  # a missing MODEL_DIR is reported as such by calibrate below
+        check_output_dir((model_dir or _bundled_model()) / "kvcal", "the output directory (MODEL_DIR/kvcal)")
     for name, value in (("--max-tokens", max_tokens), ("--seq-len", seq_len), ("--rank-cap", rank_cap)):
         if value is not None and value < 1:
             raise click.BadParameter(f"{value} is not a positive integer", param_hint=f"'{name}'")

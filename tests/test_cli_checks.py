@@ -63,6 +63,13 @@ def test_calibrate_refuses_unwritable_out_before_work(no_model_load, blocker, tm
     one_line_error(res, "--out", "not a directory")
 
 
+def test_calibrate_checks_the_default_output_dir_before_work(no_model_load, tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "kvcal").write_text("a file where the artifact folder should go")
+    one_line_error(CliRunner().invoke(main, ["calibrate", str(model)]), "MODEL_DIR/kvcal", "not a directory")
+
+
 @pytest.mark.parametrize("opt,value", [("--sink", "-1"), ("--window", "-5"), ("--max-tokens", "0"), ("--seq-len", "-1"),
                                        ("--rank-cap", "0"), ("--sink", "four")])
 def test_calibrate_refuses_bad_integers_in_one_line(no_model_load, opt, value):

@@ -111,9 +111,9 @@ def inspect_command(path, as_json, plot_path):
 
     PATH is an artifact directory or file, or a model directory holding kvcal/.
     """
+    check_output_file(plot_path, "--plot")
     from kvcal.inspect import inspect_artifact
 
-    check_output_file(plot_path, "--plot")
     summary = inspect_artifact(path)
     if plot_path:
         _write(lambda: summary.plot(plot_path), plot_path, "--plot")
