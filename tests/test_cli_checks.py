@@ -138,7 +138,7 @@ def test_cli_output_has_no_transformers_deprecation_notices(tmp_path):
     # A real process: pytest records warnings itself, so only a subprocess shows what a user sees.
     cmd = [sys.executable, "-m", "kvcal.cli", "eval", str(REF), "--prefix", "160", "--continuation", "8", "--window",
            "32", "--windows", "1", "--needles", "0", "--method", "int4", "--device", "cpu", "--no-progress"]
-    env = {**os.environ, "PYTHONWARNINGS": "default", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONWARNINGS": "default", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
     assert res.returncode == 0, res.stderr
     out = res.stdout + res.stderr
