@@ -165,7 +165,7 @@ class Artifact:
             checksum = content_checksum(meta_json, tensors)
             metadata = {"kvcal": meta_json, CHECKSUM_KEY: checksum}
             # Serialized here and written by us: save_file would make its own hidden temp file that a kill leaves behind.
-            payload = save(tensors, metadata=metadata)
+            payload = canonical_header(save(tensors, metadata=metadata))
             _atomic_write(out / ARTIFACT_FILE, lambda p: Path(p).write_bytes(payload))
             summary = {**self.meta, "artifact_sha256": checksum}
             _atomic_write(out / SUMMARY_FILE, lambda p: Path(p).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n"))
@@ -271,6 +271,17 @@ def verify_checksum(path: Path, meta_json: str, tensors: dict[str, torch.Tensor]
         raise ArtifactError(f"{path} has no content checksum (written by an older kvcal or edited); recalibrate")
     if content_checksum(meta_json, tensors) != stored:
         raise ArtifactError(f"{path} is corrupted (checksum mismatch); recalibrate")
+
+
+def canonical_header(payload: bytes) -> bytes:
+    """The safetensors bytes with the JSON header rewritten in sorted key order (space-padded to 8 bytes).
+
+    safetensors orders metadata keys by hash, so with two keys the same artifact would get different bytes.
+    """
+    n = int.from_bytes(payload[:8], "little")
+    header = json.dumps(json.loads(payload[8 : 8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    return len(header).to_bytes(8, "little") + header + payload[8 + n :]
 
 
 TEMP_PATTERNS = (f".{ARTIFACT_FILE}.*.tmp", f".{SUMMARY_FILE}.*.tmp")
