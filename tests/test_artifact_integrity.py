@@ -20,13 +20,17 @@ from kvcal.artifact import ARTIFACT_FILE, CHECKSUM_KEY, SUMMARY_FILE, Artifact
 from kvcal.errors import ArtifactError
 
 ROOT = Path(__file__).resolve().parents[1]
-REF = ROOT / "artifacts" / "kvcal-ref-llama"
-REF_QWEN = ROOT / "artifacts" / "kvcal-ref-qwen3"
 
 
 @pytest.fixture(scope="module")
-def shipped():
-    return Artifact.load(REF / "kvcal")
+def source(calibrated):
+    """A small artifact in the current format: the session's tiny calibrated llama."""
+    return calibrated("llama") / "kvcal"
+
+
+@pytest.fixture(scope="module")
+def shipped(source):
+    return Artifact.load(source)
 
 
 @pytest.fixture
@@ -136,12 +140,12 @@ def test_summary_file_never_affects_loading(shipped, saved):
     assert same(Artifact.load(saved), shipped)
 
 
-def test_another_models_artifact_is_one_short_line():
+def test_another_models_artifact_is_one_short_line(source, tiny_models):
     from kvcal.models import load_model
 
-    model, _ = load_model(REF, "cpu")
+    model, _ = load_model(tiny_models["qwen3"], "cpu")
     with pytest.raises(ArtifactError) as e:
-        kvcal.load(REF_QWEN / "kvcal", ratio=8, model=model)
+        kvcal.load(source, ratio=4, model=model)
     msg = str(e.value)
     assert msg.startswith("artifact was made for another model:") and "\n" not in msg and len(msg) < 200
     assert "attention weights" in msg and "config" in msg and "model type" in msg
@@ -222,8 +226,8 @@ def expected_variants(shipped: Artifact) -> list[Artifact]:
 # The fsyncs of one save: 1 the safetensors temp file, 2 the directory after its rename, 3 the summary temp file,
 # 4 the directory after that rename. A kill at 1 must leave the old artifact; at 2-4 the new one.
 @pytest.mark.parametrize("pause_at,new", [(1, False), (2, True), (3, True)])
-def test_kill_9_inside_save_leaves_old_or_new_and_next_save_cleans_up(shipped, saved, pause_at, new):
-    child = spawn(REF / "kvcal", saved, pause_at)
+def test_kill_9_inside_save_leaves_old_or_new_and_next_save_cleans_up(source, shipped, saved, pause_at, new):
+    child = spawn(source, saved, pause_at)
     try:
         assert child.stdout.readline().strip() == "ready"
         assert child.stdout.readline().strip() == "paused"
@@ -241,11 +245,11 @@ def test_kill_9_inside_save_leaves_old_or_new_and_next_save_cleans_up(shipped, s
     assert same(Artifact.load(saved), shipped)
 
 
-def test_kill_9_at_random_moments_of_repeated_saves(shipped, saved):
+def test_kill_9_at_random_moments_of_repeated_saves(source, shipped, saved):
     choices = [shipped, *expected_variants(shipped)]
     rng = random.Random(14)
     for _ in range(3):
-        child = spawn(REF / "kvcal", saved, 0)
+        child = spawn(source, saved, 0)
         try:
             assert child.stdout.readline().strip() == "ready"
             time.sleep(rng.uniform(0.05, 0.6))

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import EVAL_CORPUS
 
 import kvcal.calibration
 import kvcal.models
@@ -17,8 +18,7 @@ from kvcal.cli import main
 from kvcal.eval.methods import METHOD_FAMILIES, METHODS, expand_method_names, get_method
 
 ROOT = Path(__file__).resolve().parents[1]
-REF = ROOT / "artifacts" / "kvcal-ref-llama"
-REF_QWEN = ROOT / "artifacts" / "kvcal-ref-qwen3"
+REF = ROOT / "artifacts" / "kvcal-ref-llama"  # only for checks that fail before the model or artifact is read
 
 
 @pytest.fixture
@@ -89,14 +89,14 @@ def test_inspect_refuses_unwritable_plot(blocker, tmp_path):
     one_line_error(CliRunner().invoke(main, ["inspect", str(REF), "--plot", str(tmp_path)]), "--plot")
 
 
-def test_a_write_that_fails_late_is_one_line(monkeypatch, tmp_path):
+def test_a_write_that_fails_late_is_one_line(calibrated, monkeypatch, tmp_path):
     from kvcal.inspect import ArtifactSummary
 
     def full_disk(self, path):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(ArtifactSummary, "plot", full_disk)
-    res = CliRunner().invoke(main, ["inspect", str(REF), "--plot", str(tmp_path / "a.png")])
+    res = CliRunner().invoke(main, ["inspect", str(calibrated("llama")), "--plot", str(tmp_path / "a.png")])
     one_line_error(res, "No space left on device", "--plot")
 
 
@@ -108,8 +108,8 @@ def test_fingerprint_mismatch_is_one_short_line():
     assert "layer count differs" in fingerprint_error(fp, {**fp, "num_layers": 5})
 
 
-def test_cli_mismatch_detail_only_with_verbose():
-    args = ["eval", str(REF), "--artifact", str(REF_QWEN / "kvcal"), "--method", "kvtc", "--windows", "1",
+def test_cli_mismatch_detail_only_with_verbose(calibrated):
+    args = ["eval", str(calibrated("llama")), "--artifact", str(calibrated("qwen3") / "kvcal"), "--method", "kvtc", "--windows", "1",
             "--needles", "0", "--device", "cpu", "--no-progress"]
     res = CliRunner().invoke(main, args)
     one_line_error(res, "another model", "attention weights")
@@ -134,10 +134,11 @@ def test_list_methods_prints_every_method_with_its_summary(no_model_load):
     assert "kivi = kivi2" in res.output
 
 
-def test_cli_output_has_no_transformers_deprecation_notices(tmp_path):
+def test_cli_output_has_no_transformers_deprecation_notices(calibrated, tmp_path):
     # A real process: pytest records warnings itself, so only a subprocess shows what a user sees.
-    cmd = [sys.executable, "-m", "kvcal.cli", "eval", str(REF), "--prefix", "160", "--continuation", "8", "--window",
-           "32", "--windows", "1", "--needles", "0", "--method", "int4", "--device", "cpu", "--no-progress"]
+    cmd = [sys.executable, "-m", "kvcal.cli", "eval", str(calibrated("llama")), "--data", str(EVAL_CORPUS), "--prefix",
+           "160", "--continuation", "8", "--window", "32", "--windows", "1", "--needles", "0", "--method", "int4",
+           "--device", "cpu", "--no-progress"]
     env = {**os.environ, "PYTHONWARNINGS": "default", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
     assert res.returncode == 0, res.stderr
