@@ -30,7 +30,6 @@ import argparse
 import json
 import math
 import os
-import random
 import subprocess
 import sys
 import time
@@ -275,49 +274,25 @@ def kept_detail(r: dict) -> str:
 
 def paired_bootstrap(ours, theirs, base_nll, tokens_per_window: int, needle_tokens: int, seed: int = 0) -> dict:
     """Differences ours - kvpress in Δppl % (against the full cache) and in needle accuracy, with 95% intervals
-    from resampling windows and trials in pairs."""
-    rng = random.Random(seed)
-    a_nll, b_nll = ours.window_nll, theirs.window_nll
-    a_hit, b_hit = ours.trial_hits, theirs.trial_hits
-    n_w, n_t = len(a_nll), len(a_hit)
+    from resampling windows and trials in pairs (``kvcal.eval.intervals``)."""
+    from kvcal.eval.intervals import accuracy_delta_interval, ppl_delta_interval
 
-    def ppl_diff(idx):
-        tokens = tokens_per_window * len(idx)
-        return 100.0 * (math.exp(sum(a_nll[i] for i in idx) / tokens) - math.exp(sum(b_nll[i] for i in idx) / tokens)) \
-            / math.exp(sum(b_nll[i] for i in idx) / tokens)
-
-    def acc_diff(idx):
-        return (sum(a_hit[i] for i in idx) - sum(b_hit[i] for i in idx)) / (needle_tokens * len(idx))
-
-    ppl_samples = sorted(ppl_diff([rng.randrange(n_w) for _ in range(n_w)]) for _ in range(BOOTSTRAP))
-    acc_samples = sorted(acc_diff([rng.randrange(n_t) for _ in range(n_t)]) for _ in range(BOOTSTRAP))
-    lo, hi = int(0.025 * BOOTSTRAP), int(0.975 * BOOTSTRAP) - 1
-    ppl = {"diff": ppl_diff(range(n_w)), "ci95": [ppl_samples[lo], ppl_samples[hi]]}
-    acc = {"diff": acc_diff(range(n_t)), "ci95": [acc_samples[lo], acc_samples[hi]]}
+    # Δppl % of ours against kvpress's is 100 * (exp(sum(nll_ours - nll_theirs) / tokens) - 1): the same statistic
+    # as a method's Δppl % against the full cache.
+    p = ppl_delta_interval(ours.window_nll, theirs.window_nll, tokens_per_window, seed, BOOTSTRAP)
+    a = accuracy_delta_interval(ours.trial_hits, theirs.trial_hits, needle_tokens, seed, BOOTSTRAP)
+    ppl = {"diff": p.estimate, "ci95": [p.low, p.high]}
+    acc = {"diff": a.estimate, "ci95": [a.low, a.high]}
     # The noise floor: how precisely the harness measures either method's own effect (half the 95% interval of its
     # Δppl against the full cache, of its needle accuracy). Two implementations agree within noise when their
     # difference's interval holds 0 or the difference is below that floor.
-    ppl["noise"] = max(own_noise_ppl(ours, base_nll, tokens_per_window, rng), own_noise_ppl(theirs, base_nll, tokens_per_window, rng))
-    acc["noise"] = max(own_noise_acc(ours, needle_tokens, rng), own_noise_acc(theirs, needle_tokens, rng))
+    ppl["noise"] = max(ppl_delta_interval(r.window_nll, base_nll, tokens_per_window, seed, BOOTSTRAP).half_width
+                       for r in (ours, theirs))
+    acc["noise"] = max(accuracy_delta_interval(r.trial_hits, None, needle_tokens, seed, BOOTSTRAP).half_width
+                       for r in (ours, theirs))
     for d in (ppl, acc):
         d["agree"] = d["ci95"][0] <= 0.0 <= d["ci95"][1] or abs(d["diff"]) <= d["noise"]
     return {"ppl_pct": ppl, "needle": acc}
-
-
-def own_noise_ppl(row, base_nll, tokens_per_window: int, rng: random.Random) -> float:
-    n = len(base_nll)
-    samples = []
-    for _ in range(BOOTSTRAP):
-        idx = [rng.randrange(n) for _ in range(n)]
-        samples.append(100.0 * (math.exp(sum(row.window_nll[i] - base_nll[i] for i in idx) / (tokens_per_window * n)) - 1))
-    samples.sort()
-    return (samples[int(0.975 * BOOTSTRAP) - 1] - samples[int(0.025 * BOOTSTRAP)]) / 2
-
-
-def own_noise_acc(row, needle_tokens: int, rng: random.Random) -> float:
-    n = len(row.trial_hits)
-    samples = sorted(sum(row.trial_hits[rng.randrange(n)] for _ in range(n)) / (needle_tokens * n) for _ in range(BOOTSTRAP))
-    return (samples[int(0.975 * BOOTSTRAP) - 1] - samples[int(0.025 * BOOTSTRAP)]) / 2
 
 
 def agreement(report, tokens_per_window: int, needle_tokens: int) -> list[dict]:

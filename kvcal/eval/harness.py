@@ -13,9 +13,9 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -27,6 +27,7 @@ from kvcal.artifact import Artifact
 from kvcal.capture import last_queries
 from kvcal.data import token_stream
 from kvcal.errors import ArtifactError, DataError
+from kvcal.eval.intervals import accuracy_delta_interval, ppl_delta_interval
 from kvcal.eval.methods import CacheMethod, MethodContext, Prefilled, expand_method_names, get_method, method_names
 from kvcal.eval.methods.eviction import StreamingLLM
 from kvcal.eval.methods.ragged import is_ragged, ragged_attention
@@ -39,6 +40,9 @@ DEFAULT_RATIOS = (4.0, 8.0, 16.0, 32.0, 64.0, 128.0)
 # The headline's quality bar: perplexity within 1% of the full cache, needle accuracy within one point.
 MAX_PPL_DELTA_PCT = 1.0
 MAX_RETRIEVAL_DROP = 0.01
+# Needle tokens scored per trial (the needle less its repeated prompt): one point of accuracy is
+# needles * NEEDLE_TOKENS_PER_TRIAL / 100 tokens.
+NEEDLE_TOKENS_PER_TRIAL = NeedleProbe.needle_len - NeedleProbe.prompt_len
 
 
 @dataclass(frozen=True)
@@ -47,8 +51,10 @@ class EvalSettings:
     continuation: int = 128
     sink: int = 4
     window: int = 128
-    windows: int = 16  # perplexity windows drawn evenly from the data
-    needles: int = 16  # needle probe trials (0: no retrieval)
+    # Enough that one point of needle accuracy is ~30 tokens and a 1% perplexity change is resolved (see the
+    # intervals each row reports).
+    windows: int = 64  # perplexity windows drawn evenly from the data
+    needles: int = 128  # needle probe trials (0: no retrieval)
     needle_context: int = 1024
     obs_window: int = 32  # last prefill queries that score tokens for eviction
     seed: int = 0
@@ -63,6 +69,11 @@ class EvalSettings:
                 raise DataError(f"{name} ({length} tokens) leaves no middle tokens after sink {self.sink} and window "
                                 f"{self.window}; lengthen it or shrink --window")
         return self
+
+    @property
+    def needle_point_tokens(self) -> float:
+        """Needle tokens behind one point (0.01) of needle accuracy."""
+        return self.needles * NEEDLE_TOKENS_PER_TRIAL / 100.0
 
 
 @dataclass(frozen=True)
@@ -122,6 +133,10 @@ class EvalRow:
     detail: str = ""
     window_nll: tuple[float, ...] = ()  # NLL summed over each perplexity window's continuation
     trial_hits: tuple[int, ...] = ()  # needle tokens right in each trial
+    # 95% paired-bootstrap intervals (over windows, over trials) of Δppl % and of the needle accuracy's
+    # difference from the full cache's (``kvcal.eval.intervals``); None where the measure was not run.
+    ppl_delta_ci: tuple[float, float] | None = None
+    retrieval_delta_ci: tuple[float, float] | None = None
 
 
 @dataclass
@@ -161,6 +176,41 @@ class EvalReport:
                 best[row.method] = row.measured_ratio
         return best
 
+    def first_failing(self) -> dict[str, float | None]:
+        """Per method: the lowest measured ratio whose row fails the quality bar (None if every row passes).
+
+        Beside the headline it brackets where the method crosses the bar; below the headline it shows a
+        curve that is not monotone within the measurement's noise."""
+        worst: dict[str, float | None] = {}
+        for row in self.rows:
+            worst.setdefault(row.method, None)
+            if (row.measured_ratio is not None and not self.passes(row)
+                    and (worst[row.method] is None or row.measured_ratio < worst[row.method])):
+                worst[row.method] = row.measured_ratio
+        return worst
+
+    def retrieval_delta(self, row: EvalRow) -> float | None:
+        """The row's needle accuracy minus the full cache's."""
+        return None if row.retrieval is None or self.retrieval_full is None else row.retrieval - self.retrieval_full
+
+    def with_intervals(self) -> EvalReport:
+        """This report with every row's intervals filled in (rows that have them keep them), from the per-window
+        NLLs and per-trial hits against the ``uncompressed`` row's; seeded by ``settings.seed``."""
+        base = next((r for r in self.rows if r.method == "uncompressed"), None)
+        if base is None:
+            return self
+        rows = []
+        for r in self.rows:
+            ppl_ci, ret_ci = r.ppl_delta_ci, r.retrieval_delta_ci
+            if ppl_ci is None and r.window_nll and len(r.window_nll) == len(base.window_nll):
+                ppl_ci = ppl_delta_interval(r.window_nll, base.window_nll, self.settings.continuation,
+                                            seed=self.settings.seed).as_pair()
+            if ret_ci is None and r.trial_hits and len(r.trial_hits) == len(base.trial_hits):
+                ret_ci = accuracy_delta_interval(r.trial_hits, base.trial_hits, NEEDLE_TOKENS_PER_TRIAL,
+                                                 seed=self.settings.seed).as_pair()
+            rows.append(replace(r, ppl_delta_ci=ppl_ci, retrieval_delta_ci=ret_ci))
+        return replace(self, rows=rows)
+
     def to_json(self) -> dict:
         return {
             "model": self.model,
@@ -178,6 +228,10 @@ class EvalReport:
                              "measures": [m for m, v in (("ppl", self.ppl_uncompressed), ("retrieval", self.retrieval_full))
                                           if v is not None]},
                 "best_ratio_by_method": self.headline(),
+                "first_failing_ratio_by_method": self.first_failing(),
+                "needle_point_tokens": self.settings.needle_point_tokens,
+                "interval": "95% paired bootstrap over windows (ppl) and trials (needle), "
+                            f"seed {self.settings.seed}",
                 "controls_discriminate": self.controls_discriminate(),
             },
         }
@@ -186,7 +240,8 @@ class EvalReport:
     def from_json(cls, doc: dict) -> EvalReport:
         """The report ``to_json`` wrote (the headline is recomputed, not read)."""
         c = doc["controls"]
-        rows = [EvalRow(**{**r, "window_nll": tuple(r.get("window_nll", ())), "trial_hits": tuple(r.get("trial_hits", ()))})
+        rows = [EvalRow(**{**r, "window_nll": tuple(r.get("window_nll", ())), "trial_hits": tuple(r.get("trial_hits", ())),
+                           **{k: None if r.get(k) is None else tuple(r[k]) for k in ("ppl_delta_ci", "retrieval_delta_ci")}})
                 for r in doc["rows"]]
         return cls(doc["model"], doc.get("artifact"), EvalSettings(**doc["settings"]), c["ppl_uncompressed"],
                    c["ppl_middle_evicted"], c["retrieval_full_cache"], c["retrieval_middle_evicted"], rows)
@@ -198,19 +253,25 @@ class EvalReport:
         s = self.settings
         lines = [f"kvcal eval: {self.model}" + (f" (artifact {self.artifact})" if self.artifact else "")]
         lines.append(f"perplexity: {s.windows} windows of {s.prefix} + {s.continuation} tokens; needle probe: "
-                     f"{s.needles} trials of {s.needle_context} tokens; sink {s.sink}, window {s.window} kept exact")
+                     f"{s.needles} trials of {s.needle_context} tokens (1 point = {s.needle_point_tokens:g} tokens); "
+                     f"sink {s.sink}, window {s.window} kept exact; [95% paired bootstrap intervals]")
         lines.append(f"controls: ppl full {_fmt(self.ppl_uncompressed, '.3f')}, middle evicted {_fmt(self.ppl_evicted, '.3f')}; "
                      f"needle accuracy full {_fmt(self.retrieval_full, '.3f')}, middle evicted {_fmt(self.retrieval_evicted, '.3f')}")
         lines.append("")
-        lines.append(f"{'method':<22}{'target':>8}{'measured':>10}{'ppl':>10}{'Δppl %':>10}{'needle':>8}  detail")
+        lines.append(f"{'method':<22}{'target':>8}{'measured':>10}{'ppl':>10}{'Δppl %':>10}{'[95% CI]':>18}"
+                     f"{'needle':>8}{'Δneedle':>9}{'[95% CI]':>18}  detail")
         for r in self.rows:
             lines.append(f"{r.method:<22}{_fmt(r.target_ratio, 'g'):>8}{_fmt(r.measured_ratio, '.2f'):>10}"
-                         f"{_fmt(r.ppl, '.3f'):>10}{_fmt(r.ppl_delta_pct, '+.2f'):>10}{_fmt(r.retrieval, '.3f'):>8}  {r.detail}")
+                         f"{_fmt(r.ppl, '.3f'):>10}{_fmt(r.ppl_delta_pct, '+.2f'):>10}{fmt_ci(r.ppl_delta_ci, '+.2f'):>18}"
+                         f"{_fmt(r.retrieval, '.3f'):>8}{_fmt(self.retrieval_delta(r), '+.3f'):>9}"
+                         f"{fmt_ci(r.retrieval_delta_ci, '+.3f'):>18}  {r.detail}")
         lines.append("")
         lines.append(f"highest measured ratio with Δppl <= {MAX_PPL_DELTA_PCT:g}% and needle accuracy within "
-                     f"{MAX_RETRIEVAL_DROP:g} of the full cache:")
+                     f"{MAX_RETRIEVAL_DROP:g} of the full cache (and the lowest measured ratio that fails it):")
+        failing = self.first_failing()
         for method, ratio in self.headline().items():
-            lines.append(f"  {method:<22}{_fmt(ratio, '.2f') + 'x' if ratio else 'none'}")
+            lines.append(f"  {method:<22}{_fmt(ratio, '.2f') + 'x' if ratio else 'none':>10}"
+                         f"   first failing {_fmt(failing[method], '.2f') + 'x' if failing[method] else 'none'}")
         warning = self.control_warning()
         if warning:
             lines.append(warning)
@@ -233,6 +294,11 @@ def _fmt(x: float | None, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
 
+def fmt_ci(ci: Sequence[float] | None, spec: str) -> str:
+    """``[lo, hi]`` or ``-``."""
+    return "-" if ci is None else f"[{format(ci[0], spec)}, {format(ci[1], spec)}]"
+
+
 # Fixed per-method styles, so a method looks the same in every figure; KVTC stands out.
 METHOD_STYLES: dict[str, dict] = {
     "uncompressed": dict(color="black", marker="*", markersize=9),
@@ -246,6 +312,8 @@ METHOD_STYLES: dict[str, dict] = {
     "pyramidkv": dict(color="#98df8a", marker="D", linestyle="-.", markersize=4),
     "kvtc": dict(color="#d62728", marker="o", linewidth=2.2),
     "kvtc+pyramidkv": dict(color="#ff7f0e", marker="P", linewidth=1.6),
+    # Codec v1's KVTC (a saved run), beside the current codec's: same colour, hollow markers, dashed.
+    "kvtc-v1": dict(color="#d62728", marker="o", markerfacecolor="none", linestyle="--", linewidth=1.4),
     "h2o": dict(color="#1f77b4", marker="h", linestyle=":"),
     "turboquant-2.5": dict(color="#aec7e8", marker="d"),
     "turboquant-3.5": dict(color="#c5b0d5", marker="d"),
@@ -266,15 +334,19 @@ def method_style(method: str) -> dict:
     return METHOD_STYLES.get(method, dict(marker="o"))
 
 
-def plot_rate_quality(reports: Sequence[EvalReport], path: str | Path) -> Path:
-    """Δppl % and needle accuracy against measured ratio (log x), one line per method, one column per report."""
+def plot_rate_quality(reports: Sequence[EvalReport], path: str | Path,
+                      extra_rows: Mapping[str, Sequence[EvalRow]] | None = None) -> Path:
+    """Δppl % and needle accuracy against measured ratio (log x), one line per method, one column per report.
+
+    ``extra_rows`` adds series to a report's column, keyed by the report's model directory name (e.g. codec v1's
+    KVTC rows from a saved run, renamed ``kvtc-v1``)."""
     plt = pyplot()
 
     fig, axes = plt.subplots(2, len(reports), figsize=(6.5 * len(reports), 9), squeeze=False)
     for col, report in enumerate(reports):
         top, bottom = axes[0][col], axes[1][col]
         by_method: dict[str, list[EvalRow]] = {}
-        for r in report.rows:
+        for r in [*report.rows, *(extra_rows or {}).get(Path(report.model).name, ())]:
             if r.measured_ratio is not None:
                 by_method.setdefault(r.method, []).append(r)
         for method, rows in by_method.items():
@@ -310,8 +382,11 @@ def plot_rate_quality(reports: Sequence[EvalReport], path: str | Path) -> Path:
 
 
 # --- running ------------------------------------------------------------------------------------------------
-def plan_runs(methods: Sequence[str] | None, ratios: Sequence[float] | None, ctx: MethodContext) -> list[RunSpec]:
-    """Every (method, ratio) to run, checked before any work; ``uncompressed`` always comes first (the baseline)."""
+def plan_runs(methods: Sequence[str] | None, ratios: Sequence[float] | None, ctx: MethodContext,
+              method_ratios: Mapping[str, Sequence[float]] | None = None) -> list[RunSpec]:
+    """Every (method, ratio) to run, checked before any work; ``uncompressed`` always comes first (the baseline).
+
+    ``method_ratios`` gives some methods their own ratios instead of ``ratios`` (e.g. a denser grid for KVTC)."""
     explicit = bool(methods)
     names = expand_method_names(methods) if explicit else method_names()
     chosen = [get_method(n) for n in names]
@@ -327,9 +402,13 @@ def plan_runs(methods: Sequence[str] | None, ratios: Sequence[float] | None, ctx
         ratio_list = list(ctx.artifact.ratios) if ctx.artifact is not None else list(DEFAULT_RATIOS)
     if "uncompressed" not in names:
         chosen.insert(0, get_method("uncompressed"))
+    own = {name: [float(r) for r in rs] for name, rs in (method_ratios or {}).items()}
+    unknown = sorted(set(own) - {m.name for m in chosen})
+    if unknown:
+        raise DataError(f"ratios given for {', '.join(unknown)}, which are not among the methods run")
     specs = []
     for m in chosen:
-        for r in (ratio_list if m.takes_ratio else [None]):
+        for r in (own.get(m.name, ratio_list) if m.takes_ratio else [None]):
             m.check(ctx, r)
             specs.append(RunSpec(m, r))
     return specs
@@ -398,15 +477,19 @@ def evaluate(
     settings: EvalSettings = EvalSettings(),
     progress: bool = True,
     model_name: str = "",
+    method_ratios: Mapping[str, Sequence[float]] | None = None,
 ) -> EvalReport:
-    """Run every method at every ratio on the same perplexity windows and needle trials."""
+    """Run every method at every ratio on the same perplexity windows and needle trials.
+
+    ``method_ratios`` overrides ``ratios`` per method name. Each row carries 95% paired-bootstrap intervals of
+    its Δppl % and Δneedle accuracy against the full cache."""
     settings.validate()
     adapter = adapter_for(model)
     layout = adapter.layout()
     if artifact is not None:
         artifact.check_model(model, layout)
     ctx = MethodContext(model, adapter, layout, settings.sink, settings.window, artifact, settings.obs_window)
-    specs = plan_runs(methods, ratios, ctx)
+    specs = plan_runs(methods, ratios, ctx, method_ratios)
     control = RunSpec(StreamingLLM(), math.inf)  # keeps no middle token: the "middle evicted" control
     windows = perplexity_windows(tokenizer, texts, settings)
     trials = needle_trials(tokenizer, texts, settings)
@@ -434,7 +517,7 @@ def evaluate(
                             t.bf16_bytes, round(t.seconds, 3), spec.detail(ctx), tuple(round(x, 5) for x in t.window_nll), tuple(t.trial_hits)))
     art_name = str(artifact.path) if artifact is not None and artifact.path else None
     return EvalReport(model_name, art_name, settings, base.ppl, tallies[control].ppl, base.accuracy,
-                      tallies[control].accuracy, rows)
+                      tallies[control].accuracy, rows).with_intervals()
 
 
 def _run_all(model, ctx: MethodContext, tallies: dict[RunSpec, Tally], pre: Prefilled, feed: torch.Tensor,
