@@ -88,5 +88,6 @@ def test_wheel_ships_recipes_not_artifacts_and_works_installed(tmp_path):
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, cwd=tmp_path,
                          timeout=120)
     assert out.returncode == 0, out.stderr
-    assert "(4.0, 8.0, 16.0, 32.0, 64.0, 128.0)" in out.stdout
+    shipped = tomllib.loads((ROOT / "kvcal" / "recipes" / "llama.toml").read_text())["calibration"]["ratios"]
+    assert str(tuple(float(r) for r in shipped)) in out.stdout  # the recipe's own ratios, not the 8/16/32 defaults
     assert "ModelError the bundled reference model" in out.stdout and "pip install -e ." in out.stdout
