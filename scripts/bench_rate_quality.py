@@ -233,7 +233,8 @@ def evaluate_model(name: str, args: argparse.Namespace) -> tuple[EvalReport, flo
     # The artifact methods need their ratios calibrated; pyramidkv reads only the artifact's per-layer weights.
     needs_artifact = any(m in args.methods for m in ARTIFACT_METHODS)
     ratios = (args.artifact_ratios or args.ratios) if needs_artifact else []
-    artifact, calib_seconds = artifact_with_ratios(model_dir, ratios, model, tokenizer, args.progress)
+    artifact, calib_seconds = (artifact_with_ratios(model_dir, ratios, model, tokenizer, args.progress)
+                               if needs_artifact or "pyramidkv" in args.methods else (None, 0.0))
     t0 = time.perf_counter()
     report = evaluate(model, tokenizer, texts, methods=args.methods, ratios=args.ratios, artifact=artifact,
                       settings=settings, progress=args.progress, model_name=str(model_dir),
