@@ -1,9 +1,12 @@
 """The calibration artifact: one safetensors file whose metadata header is validated before it is trusted.
 
 ``kvcal.safetensors`` holds, per kind (keys ``k``, values ``v``) and PCA group ``g``: ``{kind}.{g}.mean``,
-``{kind}.{g}.basis`` (only the columns some ratio uses), ``{kind}.{g}.eigenvalues`` and one
-``{kind}.{g}.alloc.{ratio}`` table of (start, size, quantizer type) rows per ratio; plus the PyramidKV
-layer weights. The safetensors metadata key ``kvcal`` is a JSON document with the format version, the model
+``{kind}.{g}.basis`` (orthonormal columns in the metric's space, only those some ratio uses),
+``{kind}.{g}.weight`` / ``.weight_inverse`` (the metric's per layer-and-head blocks, ``kvcal.fit.metric``),
+``{kind}.{g}.eigenvalues`` and one ``{kind}.{g}.steps.{ratio}`` table per ratio of ``(step, family, scale, span)``
+rows, one per basis column (step 0 = pruned; the rest is the calibrated quantizer and its symbol model, see
+``kvcal.fit.steps``); plus the PyramidKV layer weights.
+The safetensors metadata key ``kvcal`` is a JSON document with the format version, the model
 fingerprint and the calibration settings; the metadata key ``kvcal_sha256`` is a sha256 over that document and
 every tensor (name, dtype, shape, bytes, in name order), checked on every load.
 
@@ -25,11 +28,10 @@ from pathlib import Path
 import torch
 
 from kvcal.adapters import KVLayout
-from kvcal.codec.quantize import QUANT_TYPES, QuantGroup
 from kvcal.errors import ArtifactError, RatioError
 
 ARTIFACT_FORMAT = "kvcal-artifact"
-ARTIFACT_VERSION = 1
+ARTIFACT_VERSION = 2  # 2: codec v2 (metric weights, calibrated steps and symbol models)
 ARTIFACT_FILE = "kvcal.safetensors"
 SUMMARY_FILE = "kvcal.json"
 CHECKSUM_KEY = "kvcal_sha256"  # safetensors metadata key of the content checksum
@@ -135,9 +137,13 @@ class Artifact:
     def eigenvalues(self, kind: str, g: int) -> torch.Tensor:
         return self.tensors[f"{kind}.{g}.eigenvalues"]
 
-    def allocation(self, kind: str, g: int, ratio: float) -> tuple[QuantGroup, ...]:
-        rows = self.tensors[f"{kind}.{g}.alloc.{ratio_key(ratio)}"].tolist()
-        return tuple(QuantGroup(int(s), int(n), QUANT_TYPES[int(t)]) for s, n, t in rows)
+    def steps(self, kind: str, g: int, ratio: float) -> torch.Tensor:
+        """``[r, 4]`` rows ``(step, family, scale, span)`` per basis column at ``ratio``; step 0 = pruned."""
+        return self.tensors[f"{kind}.{g}.steps.{ratio_key(ratio)}"]
+
+    def metric_weights(self, kind: str, g: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The metric's per (layer, head) blocks ``[blocks, d, d]`` and their inverses (``kvcal.fit.metric``)."""
+        return self.tensors[f"{kind}.{g}.weight"], self.tensors[f"{kind}.{g}.weight_inverse"]
 
     def check_ratio(self, ratio: float) -> float:
         if ratio_key(ratio) not in {ratio_key(r) for r in self.ratios}:
@@ -211,6 +217,9 @@ class Artifact:
         version = m.get("format_version")
         if not isinstance(version, int) or version > ARTIFACT_VERSION:
             raise ArtifactError(f"{where} has artifact format version {version}; this kvcal reads up to {ARTIFACT_VERSION}, upgrade kvcal")
+        if version < ARTIFACT_VERSION:
+            raise ArtifactError(f"{where} has artifact format version {version} (codec v1); this kvcal reads version "
+                                f"{ARTIFACT_VERSION}: recalibrate with `kvcal calibrate`")
         try:
             layout = self.layout
             groups, ratios = self.groups, self.ratios
@@ -220,9 +229,13 @@ class Artifact:
                     basis, mean = self.basis(kind, g), self.mean(kind, g)
                     if mean.shape != (p,) or basis.ndim != 2 or basis.shape[0] != p:
                         raise ArtifactError(f"{where}: {kind}.{g} basis/mean shapes do not match the layout; recalibrate")
+                    blocks = len(layers) * layout.num_kv_heads
+                    for t in self.metric_weights(kind, g):
+                        if t.shape != (blocks, hd, hd):
+                            raise ArtifactError(f"{where}: {kind}.{g} metric weights have the wrong shape; recalibrate")
+                    check_finite(where, f"{kind}.{g}", (basis, mean, *self.metric_weights(kind, g)))
                     for r in ratios:
-                        groups_ = self.allocation(kind, g, r)
-                        check_allocation(groups_, basis.shape[1])
+                        check_step_table(where, f"{kind}.{g}.steps.{ratio_key(r)}", self.steps(kind, g, r), basis.shape[1])
             if self.tensors["pyramid.weights"].shape != (layout.num_layers,):
                 raise ArtifactError(f"{where}: pyramid.weights has the wrong shape; recalibrate")
         except (KeyError, TypeError, IndexError, ValueError) as e:
@@ -241,15 +254,27 @@ class Artifact:
         return sum(t.numel() for k, t in self.tensors.items() if k.endswith((".mean", ".basis")))
 
 
-def check_allocation(groups: tuple[QuantGroup, ...], rank: int) -> None:
-    pos = 0
-    for q in groups:
-        if q.start != pos or q.size <= 0 or q.qtype not in QUANT_TYPES:
-            raise ArtifactError("an allocation table is malformed; recalibrate")
-        pos += q.size
-    used = max((q.start + q.size for q in groups if q.qtype != "none"), default=0)
-    if used > rank:
-        raise ArtifactError("an allocation uses basis columns the artifact does not store; recalibrate")
+# The codes of one coordinate travel as int16 (see kvcal.codec.entropy.MAX_SPAN).
+MAX_SPAN = (1 << 15) - 1
+
+
+def check_finite(where, name: str, tensors) -> None:
+    if not all(bool(torch.isfinite(t).all()) for t in tensors):
+        raise ArtifactError(f"{where}: {name} holds non-finite numbers; recalibrate")
+
+
+def check_step_table(where, name: str, table: torch.Tensor, rank: int) -> None:
+    """Rows ``(step, family, scale, span)``: finite, step >= 0, family 0/1, scale > 0 and span 1..MAX_SPAN where kept."""
+    if table.ndim != 2 or table.shape != (rank, 4):
+        raise ArtifactError(f"{where}: {name} has shape {tuple(table.shape)}, expected ({rank}, 4); recalibrate")
+    t = table.double()
+    check_finite(where, name, (t,))
+    kept = t[:, 0] > 0
+    family, scale, span = t[kept, 1], t[kept, 2], t[kept, 3]
+    ok = bool((t[:, 0] >= 0).all()) and bool(((family == 0) | (family == 1)).all()) and bool((scale > 0).all())
+    ok = ok and bool(((span >= 1) & (span <= MAX_SPAN) & (span == span.round())).all())
+    if not ok:
+        raise ArtifactError(f"{where}: {name} is malformed; recalibrate")
 
 
 # --- integrity and atomic writes ------------------------------------------------------------------------------
@@ -341,7 +366,4 @@ def _atomic_write(target: Path, write) -> None:
         raise
     _fsync_dir(target.parent)
 
-
-def allocation_table(groups: tuple[QuantGroup, ...]) -> torch.Tensor:
-    return torch.tensor([[q.start, q.size, QUANT_TYPES.index(q.qtype)] for q in groups], dtype=torch.int32).reshape(-1, 3)
 

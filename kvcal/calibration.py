@@ -13,11 +13,12 @@ from transformers import AutoConfig
 
 from kvcal import __version__
 from kvcal.adapters import adapter_for
-from kvcal.artifact import ARTIFACT_FORMAT, ARTIFACT_VERSION, Artifact, allocation_table, model_fingerprint, ratio_key
+from kvcal.artifact import ARTIFACT_FORMAT, ARTIFACT_VERSION, Artifact, model_fingerprint, ratio_key
 from kvcal.capture import CaptureSpec, capture_kv_statistics
 from kvcal.data import bundled_corpus, bundled_model, load_texts, token_windows
 from kvcal.errors import DataError
-from kvcal.fit.bits import allocate_bits, budget_for_ratio, measure_distortions
+from kvcal.fit.metric import fit_metric
+from kvcal.fit.steps import StepAllocation, allocate_steps, measure_rate_distortion
 from kvcal.fit.budgets import arithmetic_weights, attention_weights
 from kvcal.fit.pca import fit_pca_basis
 from kvcal.models import check_model_dir, load_model
@@ -42,6 +43,31 @@ class CalibrationReport:
             "overhead_percent": m["overhead"]["percent"],
             "ratios": m["allocations"],
         }
+
+
+KINDS = ("k", "v")
+
+
+def budget_pools(keys: list[tuple[str, int]], budget: str) -> list[list[tuple[str, int]]]:
+    """Which bases share one bit budget: all of them (``joint``) or those of one kind (``split``)."""
+    if budget == "joint":
+        return [keys]
+    return [[key for key in keys if key[0] == kind] for kind in KINDS]
+
+
+def allocation_summary(basis, alloc: StepAllocation) -> dict:
+    kept = alloc.step > 0
+    explained = float(basis.eigenvalues[kept[: basis.eigenvalues.numel()]].sum() / max(basis.total_variance, 1e-30))
+    return {
+        "bits_per_token": round(alloc.rate, 3),
+        "expected_ratio": round(basis.dim * 16 / max(alloc.rate, 1e-9), 3),
+        "kept": alloc.kept(),
+        "used_rank": int(torch.nonzero(kept).max()) + 1 if alloc.kept() else 0,
+        "explained_variance": round(explained, 6),
+        "heldout_distortion": alloc.distortion,
+        "gaussian": int(((alloc.family == 0) & kept).sum()),
+        "laplace": int(((alloc.family == 1) & kept).sum()),
+    }
 
 
 def pca_groups(coded_layers: tuple[int, ...], grouping: str) -> tuple[tuple[int, ...], ...]:
@@ -86,43 +112,50 @@ def calibrate(
     data_hash = hashlib.sha256(windows.numpy().tobytes()).hexdigest()
 
     groups = pca_groups(layout.coded_layers, recipe.pca_grouping)
+    # The attention-aware metric needs queries and o_proj as the cache's keys and values see them; an adapter
+    # whose cache holds something else (MLA's latent) gets plain squared error, and the artifact says so.
+    metric = recipe.metric if adapter.supports_attention_metric else "mse"
     spec = CaptureSpec(
         groups=groups, sink=recipe.sink, obs_window=recipe.obs_window,
         heldout_every=min(recipe.heldout_every, windows.shape[0]), heldout_tokens=recipe.heldout_tokens,
+        query_moments=metric == "attention",
     )
     captured = capture_kv_statistics(model, adapter, windows, spec, recipe.batch_size, progress)
 
     tensors: dict[str, torch.Tensor] = {}
-    allocations: dict[str, dict] = {ratio_key(r): {"k": [], "v": []} for r in recipe.ratios}
-    stored_rank: dict[tuple[str, int], int] = {}
-    fit_items = [(kind, g) for g in range(len(groups)) for kind in ("k", "v")]
-    for kind, g in tqdm(fit_items, desc="fit", unit="basis", disable=not progress):
-        basis = fit_pca_basis(captured.moments[(kind, g)], recipe.rank_cap)
-        coords = basis.project(captured.heldout[(kind, g)].rows)
-        table = measure_distortions(coords, tuple(recipe.group_sizes), tuple(recipe.quant_types))
-        used = 0
-        for r in recipe.ratios:
-            alloc = allocate_bits(table, budget_for_ratio(basis.dim, r))
-            tensors[f"{kind}.{g}.alloc.{ratio_key(r)}"] = allocation_table(alloc.groups)
-            kept_rank = alloc.used_rank()
-            used = max(used, kept_rank)
-            counts: dict[str, int] = {}
-            for q in alloc.groups:
-                counts[q.qtype] = counts.get(q.qtype, 0) + q.size
-            allocations[ratio_key(r)][kind].append({
-                "bits_per_token": alloc.bits_per_token,
-                "budget_bits": alloc.budget_bits,
-                "expected_ratio": round(basis.dim * 16 / max(alloc.bits_per_token, 1), 3),
-                "coordinates": counts,
-                "used_rank": kept_rank,
-                "explained_variance": round(float(basis.explained_variance()[kept_rank - 1]) if kept_rank else 0.0, 6),
-                "heldout_mse": alloc.distortion / max(basis.dim, 1),
-            })
-        stored_rank[(kind, g)] = used
+    bases, measured = {}, {}
+    for g, layers in tqdm(list(enumerate(groups)), desc="fit", unit="group", disable=not progress):
+        _, value_cov = captured.moments[("v", g)].mean_and_covariance()
+        weights = fit_metric(metric, adapter, layout, layers, value_cov, captured.queries)
+        for kind in KINDS:
+            basis = fit_pca_basis(captured.moments[(kind, g)], recipe.rank_cap, weights[kind])
+            bases[(kind, g)] = basis
+            measured[(kind, g)] = measure_rate_distortion(basis.project(captured.heldout[(kind, g)].rows))
+
+    allocations: dict[str, dict] = {}
+    chosen: dict[tuple[str, int], dict[str, StepAllocation]] = {key: {} for key in bases}
+    for r in recipe.ratios:
+        for names in budget_pools(list(bases), recipe.budget):
+            budget = sum(bases[key].dim for key in names) * 16 / r
+            result = allocate_steps({f"{kind}.{g}": measured[(kind, g)] for kind, g in names}, budget)
+            for kind, g in names:
+                chosen[(kind, g)][ratio_key(r)] = result[f"{kind}.{g}"]
+        allocations[ratio_key(r)] = {
+            kind: [allocation_summary(bases[(kind, g)], chosen[(kind, g)][ratio_key(r)]) for g in range(len(groups))]
+            for kind in KINDS
+        }
+    for (kind, g), basis in bases.items():
+        # Only the columns some ratio keeps are stored.
+        used = max((int(torch.nonzero(a.step > 0).max()) + 1 if a.kept() else 0) for a in chosen[(kind, g)].values())
+        used = max(used, 1)  # keep one column so every tensor has a shape the validator can check
         tensors[f"{kind}.{g}.mean"] = basis.mean
         tensors[f"{kind}.{g}.basis"] = basis.basis[:, :used].contiguous()
+        tensors[f"{kind}.{g}.weight"] = basis.weights.weight.float().contiguous()
+        tensors[f"{kind}.{g}.weight_inverse"] = basis.weights.inverse.float().contiguous()
         tensors[f"{kind}.{g}.eigenvalues"] = basis.eigenvalues.float()
         tensors[f"{kind}.{g}.total_variance"] = torch.tensor([basis.total_variance], dtype=torch.float64)
+        for key, alloc in chosen[(kind, g)].items():
+            tensors[f"{kind}.{g}.steps.{key}"] = alloc.table()[:used].contiguous()
 
     entropy = captured.attention.mean_entropy()
     coded = list(layout.coded_layers)
@@ -136,7 +169,7 @@ def calibrate(
     tensors["attention.entropy"] = entropy.float()
 
     model_params = sum(p.numel() for p in model.parameters())
-    stored = sum(t.numel() for k, t in tensors.items() if k.endswith((".mean", ".basis")))
+    stored = sum(t.numel() for k, t in tensors.items() if k.endswith((".mean", ".basis", ".weight", ".weight_inverse")))
     meta = {
         "format": ARTIFACT_FORMAT,
         "format_version": ARTIFACT_VERSION,
@@ -151,7 +184,7 @@ def calibrate(
             "tokens": captured.tokens, "sequences": captured.sequences,
             "heldout_tokens": {f"{k}{g}": int(r.rows.shape[0]) for (k, g), r in captured.heldout.items()},
             "data_sha256": data_hash, "recipe": recipe.source, "pca_grouping": recipe.pca_grouping,
-            "rank_cap": recipe.rank_cap, "quant_types": list(recipe.quant_types), "group_sizes": list(recipe.group_sizes),
+            "rank_cap": recipe.rank_cap, "metric": metric, "budget": recipe.budget,
             "device": str(next(model.parameters()).device), "dtype": str(next(model.parameters()).dtype),
             "pyramid": {"mode": recipe.pyramid_mode, "beta": recipe.pyramid_beta,
                         "temperature": recipe.pyramid_temperature, "obs_window": recipe.obs_window},

@@ -29,6 +29,7 @@ class CaptureSpec:
     heldout_every: int = 8  # every k-th sequence is held out for measuring quantization error
     heldout_tokens: int = 4096  # reservoir size of held-out token vectors
     seed: int = 0
+    query_moments: bool = True  # accumulate what the attention-aware metric needs (off for adapters without it)
 
 
 class StreamingMoments:
@@ -83,6 +84,32 @@ class AttentionStats:
         return self.entropy_sum / self.count.clamp_min(1)
 
 
+class QueryMoments:
+    """Per layer and KV head, the second moment ``E[q' q'^T]`` of the queries that read that head's keys.
+
+    ``q'`` is a pre-RoPE query rotated by a relative offset drawn uniformly from ``[1, seq_len]``: with RoPE the
+    score of a query at ``p_q`` on a pre-RoPE key at ``p_k`` is ``(R(p_q - p_k) q) . k``, so a key error ``e``
+    changes it by ``q'. e`` and ``E[(q'. e)^2] = e^T M e``. All query heads of a GQA group are pooled, since they
+    all read the one KV head. Float64 sums, like the key/value moments.
+    """
+
+    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, device: torch.device):
+        self.sum = torch.zeros(num_layers, kv_heads, head_dim, head_dim, dtype=torch.float64, device=device)
+        self.count = torch.zeros(num_layers, dtype=torch.float64)
+
+    def add(self, layer: int, rotated: torch.Tensor) -> None:
+        """``rotated`` ``[b, q_heads, n, d]``: queries already rotated by their relative offsets."""
+        b, hq, n, d = rotated.shape
+        kv = self.sum.shape[1]
+        x = rotated.to(torch.float64).reshape(b, kv, hq // kv, n, d).permute(1, 0, 2, 3, 4).reshape(kv, -1, d)
+        self.sum[layer] += x.transpose(1, 2) @ x
+        self.count[layer] += b * n * (hq // kv)
+
+    def second_moment(self, layer: int) -> torch.Tensor:
+        """``[kv_heads, d, d]`` mean of ``q' q'^T`` per query (not per GQA group)."""
+        return self.sum[layer] / max(float(self.count[layer]), 1.0)
+
+
 @dataclass
 class CaptureResult:
     spec: CaptureSpec
@@ -92,6 +119,7 @@ class CaptureResult:
     tokens: int  # tokens that went into the moments
     sequences: int
     dims: dict[tuple[str, int], int] = field(default_factory=dict)
+    queries: QueryMoments | None = None
 
 
 def group_vectors(per_layer: dict[int, torch.Tensor], layers: tuple[int, ...]) -> torch.Tensor:
@@ -105,13 +133,15 @@ def group_vectors(per_layer: dict[int, torch.Tensor], layers: tuple[int, ...]) -
 
 
 @contextlib.contextmanager
-def last_queries(adapter: ModelAdapter, layers: range, window: int) -> Iterator[dict[int, torch.Tensor]]:
-    """Hooks that keep the pre-RoPE queries of the last ``window`` tokens of every layer; removed on exit."""
+def last_queries(adapter: ModelAdapter, layers: range, window: int | None) -> Iterator[dict[int, torch.Tensor]]:
+    """Hooks that keep the pre-RoPE queries of the last ``window`` tokens (all with ``None``) of every layer;
+    removed on exit."""
     store: dict[int, torch.Tensor] = {}
     handles = []
     for layer in layers:
         def hook(_module, _args, output, layer=layer):
-            store[layer] = adapter.split_query(output)[:, :, -window:].detach()
+            q = adapter.split_query(output)
+            store[layer] = (q if window is None else q[:, :, -window:]).detach()
 
         handles.append(adapter.query_source(layer).register_forward_hook(hook))
     try:
@@ -150,28 +180,34 @@ def capture_kv_statistics(
     moments = {key: StreamingMoments(dim, device) for key, dim in dims.items()}
     heldout = {key: TokenReservoir(spec.heldout_tokens, dim, spec.seed + i) for i, (key, dim) in enumerate(dims.items())}
     attention = AttentionStats(torch.zeros(layout.num_layers, dtype=torch.float64), torch.zeros(layout.num_layers))
+    query_moments = (QueryMoments(layout.num_layers, layout.num_kv_heads, layout.head_dim, device)
+                     if spec.query_moments else None)
+    offsets_gen = torch.Generator().manual_seed(spec.seed + 7919)
     tokens = 0
     n_seq, seq_len = windows.shape
     coded = sorted({layer for group in spec.groups for layer in group})
     obs = min(spec.obs_window, seq_len - spec.sink)
     for start in tqdm(range(0, n_seq, batch_size), desc="capture", unit="batch", disable=not progress):
         ids = windows[start : start + batch_size].to(device)
-        with last_queries(adapter, range(layout.num_layers), obs) as queries:
+        with last_queries(adapter, range(layout.num_layers), None) as queries:
             cache = model(input_ids=ids, use_cache=True).past_key_values
         b = ids.shape[0]
         positions = torch.arange(seq_len, device=device)[None].expand(b, -1)
+        held = (start // batch_size) % spec.heldout_every == spec.heldout_every - 1
         pre_k, vals = {}, {}
         for layer in range(layout.num_layers):
             keys, values = cache.layers[layer].keys, cache.layers[layer].values
             if keys.shape[-2] == seq_len:  # sliding layers may hold fewer tokens: no attention stats for them
                 attn_keys = adapter.attention_keys(layer, keys, values)
-                ent = attention_entropy(adapter, layer, queries[layer], attn_keys, positions)
+                ent = attention_entropy(adapter, layer, queries[layer][:, :, -obs:], attn_keys, positions)
                 attention.entropy_sum[layer] += ent.double().sum().cpu()
                 attention.count[layer] += ent.numel()
             if layer in coded:
                 pre_k[layer] = adapter.unrotate_keys(keys, layer, positions)[:, :, spec.sink :]
                 vals[layer] = values.float()[:, :, spec.sink :]
-        held = (start // batch_size) % spec.heldout_every == spec.heldout_every - 1
+                if query_moments is not None and not held:
+                    offsets = torch.randint(1, seq_len + 1, (b, seq_len), generator=offsets_gen).to(device)
+                    query_moments.add(layer, adapter.rotate_queries(queries[layer], layer, offsets))
         for g, layers in enumerate(spec.groups):
             for kind, per_layer in (("k", pre_k), ("v", vals)):
                 x = group_vectors(per_layer, layers)
@@ -182,4 +218,4 @@ def capture_kv_statistics(
         if not held:
             tokens += b * (seq_len - spec.sink)
         del cache
-    return CaptureResult(spec, moments, heldout, attention, tokens, n_seq, dims)
+    return CaptureResult(spec, moments, heldout, attention, tokens, n_seq, dims, query_moments)

@@ -1,7 +1,8 @@
 """``kvcal inspect``: what a calibration artifact holds, per ratio, read from its tensors.
 
-Coordinate counts, bits per token and kept variance are recomputed from the allocation tables and the
-eigenvalues (not copied from the summary document), so the report describes exactly what the codec uses.
+Kept coordinates, bits per token and kept variance are recomputed from the step tables (each kept coordinate's
+bits are the entropy of its calibrated symbol model) and the eigenvalues, not copied from the summary
+document, so the report describes exactly what the codec uses.
 """
 
 from __future__ import annotations
@@ -13,13 +14,11 @@ from pathlib import Path
 import torch
 
 from kvcal.artifact import Artifact, ratio_key
-from kvcal.codec.quantize import QUANT_TYPES, group_cost_bits
+from kvcal.codec.entropy import symbol_pmf
 from kvcal.fit.budgets import pyramid_budgets
 from kvcal.plotting import pyplot, save_figure
 
 KINDS = ("k", "v")
-# "none" in an allocation table means the coordinate is pruned; the report says so.
-COORD_TYPES = ("pruned",) + tuple(t for t in QUANT_TYPES if t != "none")
 
 
 @dataclass(frozen=True)
@@ -31,17 +30,17 @@ class BasisAllocation:
     layers: list[int]
     dim: int  # length of one token's vector for this group
     rank: int  # PCA coordinates that exist (dim, or fewer with a rank cap)
-    coordinates: dict[str, int]  # per quantizer type, "pruned" included; sums to rank
-    bits_per_token: int  # codes + per-group fp16 shift/scale
+    coordinates: dict[str, int]  # kept as a Gaussian / Laplace symbol model, or pruned; sums to rank
+    bits_per_token: float  # entropy of the kept coordinates' symbol models: what ANS spends per token
     expected_ratio: float  # 16 * dim / bits_per_token
-    used_rank: int  # leading coordinates that carry any bits
-    explained_variance: float  # fraction of this basis's variance in the coordinates that carry bits
+    used_rank: int  # highest kept coordinate + 1
+    explained_variance: float  # fraction of this basis's (weighted) variance in the kept coordinates
 
 
 @dataclass(frozen=True)
 class RatioSummary:
     ratio: float
-    bits_per_token: int  # all bases together
+    bits_per_token: float  # all bases together
     expected_ratio: float
     bases: list[BasisAllocation]
 
@@ -80,9 +79,9 @@ class ArtifactSummary:
         for r in self.ratios:
             for b in r.bases:
                 coords = " ".join(f"{t}:{n}" for t, n in b.coordinates.items() if n)
-                lines.append(f"{ratio_key(r.ratio):>6} {b.kind + str(b.group):>6} {b.dim:>6} {b.bits_per_token:>9} "
+                lines.append(f"{ratio_key(r.ratio):>6} {b.kind + str(b.group):>6} {b.dim:>6} {b.bits_per_token:>9.1f} "
                              f"{b.expected_ratio:>8.2f}x {b.explained_variance:>9.4f}  {coords}")
-            lines.append(f"{ratio_key(r.ratio):>6} {'all':>6} {'':>6} {r.bits_per_token:>9} {r.expected_ratio:>8.2f}x")
+            lines.append(f"{ratio_key(r.ratio):>6} {'all':>6} {'':>6} {r.bits_per_token:>9.1f} {r.expected_ratio:>8.2f}x")
         lines.append("")
         lines.append("PyramidKV budget weights per layer: " + " ".join(f"{w:.3f}" for w in self.budget_weights))
         lines.append(f"example budgets (middle tokens kept per layer of {self.example_middle_tokens}, eviction at equal memory):")
@@ -94,26 +93,32 @@ class ArtifactSummary:
         return plot_artifact(self, path)
 
 
+def coordinate_bits(artifact: Artifact, kind: str, g: int, ratio: float) -> torch.Tensor:
+    """Bits per token each stored coordinate costs at ``ratio``: its symbol model's entropy (0 where pruned)."""
+    table = artifact.steps(kind, g, ratio).double()
+    bits = torch.zeros(table.shape[0], dtype=torch.float64)
+    for i in torch.nonzero(table[:, 0] > 0).flatten().tolist():
+        family, scale, span = table[i, 1], table[i, 2], table[i, 3]
+        p = symbol_pmf(family, scale, torch.arange(-int(span), int(span) + 1), span)
+        bits[i] = float(-(p * torch.log2(p)).sum())
+    return bits
+
+
 def basis_allocation(artifact: Artifact, kind: str, g: int, ratio: float) -> BasisAllocation:
-    alloc = artifact.allocation(kind, g, ratio)
+    table = artifact.steps(kind, g, ratio).double()
     dim = artifact.basis(kind, g).shape[0]
     eig = artifact.eigenvalues(kind, g).double()
     rank = eig.numel()
-    counts = dict.fromkeys(COORD_TYPES, 0)
-    bits, used, kept_var = 0, 0, 0.0
-    for q in alloc:
-        if q.qtype == "none":
-            continue
-        counts[q.qtype] += q.size
-        bits += group_cost_bits(q.qtype, q.size)
-        used = max(used, q.start + q.size)
-        kept_var += float(eig[q.start : q.start + q.size].sum())
-    counts["pruned"] = rank - sum(counts.values())
+    kept = torch.nonzero(table[:, 0] > 0).flatten()
+    laplace = int((table[kept, 1] == 1).sum())
+    counts = {"gaussian": len(kept) - laplace, "laplace": laplace, "pruned": rank - len(kept)}
+    bits = float(coordinate_bits(artifact, kind, g, ratio).sum())
+    used = int(kept.max()) + 1 if len(kept) else 0
     total_key = f"{kind}.{g}.total_variance"
     total = float(artifact.tensors[total_key]) if total_key in artifact.tensors else float(eig.sum())
-    kept = kept_var / total if total > 0 else 0.0
-    return BasisAllocation(kind, g, list(artifact.groups[g]), dim, rank, counts, bits,
-                           round(16.0 * dim / bits, 4) if bits else float("inf"), used, round(min(kept, 1.0), 6))
+    kept_var = float(eig[kept].sum()) / total if total > 0 else 0.0
+    return BasisAllocation(kind, g, list(artifact.groups[g]), dim, rank, counts, round(bits, 3),
+                           round(16.0 * dim / bits, 4) if bits else float("inf"), used, round(min(kept_var, 1.0), 6))
 
 
 def explained_variance_curve(artifact: Artifact, kind: str, g: int) -> torch.Tensor:
@@ -160,36 +165,29 @@ def inspect_artifact(path: str | Path) -> ArtifactSummary:
     )
 
 
-def coordinate_types(artifact: Artifact, kind: str, ratio: float) -> torch.Tensor:
-    """Index into ``COORD_TYPES`` of every coordinate's quantizer (groups concatenated; 0 = pruned)."""
-    rows = []
-    for g in range(len(artifact.groups)):
-        codes = torch.zeros(artifact.eigenvalues(kind, g).numel())
-        for q in artifact.allocation(kind, g, ratio):
-            codes[q.start : q.start + q.size] = 0 if q.qtype == "none" else COORD_TYPES.index(q.qtype)
-        rows.append(codes)
-    return torch.cat(rows)
+def bits_grid(artifact: Artifact, kind: str, ratio: float) -> torch.Tensor:
+    """Bits per token of every coordinate at ``ratio`` (groups concatenated; 0 = pruned)."""
+    return torch.cat([coordinate_bits(artifact, kind, g, ratio) for g in range(len(artifact.groups))])
 
 
 def plot_artifact(summary: ArtifactSummary, path: str | Path) -> Path:
-    """Bit allocation over coordinates for K and V per ratio, explained-variance curves, per-layer budgets."""
+    """Bits per coordinate for K and V per ratio, explained-variance curves, per-layer budgets."""
     plt = pyplot()
-    from matplotlib.colors import BoundaryNorm, ListedColormap
 
     artifact = Artifact.load(summary.path)
     ratios = artifact.ratios
     fig, axes = plt.subplots(2, 2, figsize=(13, 8))
-    cmap = ListedColormap(["#f2f2f2", "#c6dbef", "#6baed6", "#2171b5", "#e6550d"])  # pruned, int2, int4, int8, fp8
-    norm = BoundaryNorm([i - 0.5 for i in range(len(COORD_TYPES) + 1)], cmap.N)
+    grids = {kind: torch.stack([bits_grid(artifact, kind, r) for r in ratios]).numpy() for kind in KINDS}
+    top = max(float(g.max()) for g in grids.values()) or 1.0
     for ax, kind in zip(axes[0], KINDS):
-        grid = torch.stack([coordinate_types(artifact, kind, r) for r in ratios]).numpy()
-        im = ax.imshow(grid, aspect="auto", interpolation="nearest", cmap=cmap, norm=norm)
+        shown = grids[kind].copy()
+        shown[shown == 0] = float("nan")  # pruned coordinates stay blank
+        im = ax.imshow(shown, aspect="auto", interpolation="nearest", cmap="viridis", vmin=0, vmax=top)
         ax.set_yticks(range(len(ratios)), [f"{ratio_key(r)}x" for r in ratios])
-        ax.set_xlabel("PCA coordinate (by decreasing variance; groups concatenated)")
+        ax.set_xlabel("PCA coordinate (by decreasing weighted variance; groups concatenated); blank = pruned")
         ax.set_ylabel("target ratio")
-        ax.set_title(f"{'keys' if kind == 'k' else 'values'}: quantizer per coordinate")
-        bar = fig.colorbar(im, ax=ax, ticks=range(len(COORD_TYPES)))
-        bar.ax.set_yticklabels(COORD_TYPES)
+        ax.set_title(f"{'keys' if kind == 'k' else 'values'}: bits per token per coordinate")
+        fig.colorbar(im, ax=ax, label="bits / token")
     ax = axes[1][0]
     for kind in KINDS:
         for g in range(len(artifact.groups)):

@@ -11,12 +11,13 @@ from kvcal.errors import ArtifactError
 
 
 def load(path: str | Path, ratio: float | None = None, model=None, sink: int | None = None, window: int | None = None,
-         zstd_level: int = 3) -> KVTCCodec:
+         entropy: str = "ans", zstd_level: int = 3) -> KVTCCodec:
     """A codec for ``path`` (a model directory holding ``kvcal/`` or an artifact directory/file).
 
     With ``model``, the artifact's fingerprint is checked against it (a mismatch names the fields that differ)
     and RoPE comes from the model itself; without it, RoPE is rebuilt from the model's config.
-    ``ratio`` defaults to the smallest ratio in the artifact (the highest quality).
+    ``ratio`` defaults to the smallest ratio in the artifact (the highest quality). ``entropy`` picks the entropy
+    stage: ``"ans"`` (calibrated symbol models, the default) or ``"zstd"`` (for comparison).
     """
     artifact = Artifact.load(path)
     if model is not None:
@@ -24,7 +25,7 @@ def load(path: str | Path, ratio: float | None = None, model=None, sink: int | N
         artifact.check_model(model, adapter.layout())
     else:
         adapter = adapter_for_config(_config_for(Path(path), artifact))
-    return KVTCCodec(artifact, min(artifact.ratios) if ratio is None else ratio, adapter, sink, window, zstd_level)
+    return KVTCCodec(artifact, min(artifact.ratios) if ratio is None else ratio, adapter, sink, window, entropy, zstd_level)
 
 
 def _config_for(path: Path, artifact: Artifact):

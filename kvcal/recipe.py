@@ -17,7 +17,6 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from kvcal.codec.quantize import QUANT_TYPES
 from kvcal.errors import DataError, RatioError
 
 RECIPES_PACKAGE = "kvcal"
@@ -47,8 +46,8 @@ class Recipe:
     heldout_tokens: int = 4096
     pca_grouping: str = "cross-layer"  # "cross-layer": one basis over all layers and heads (KVTC); or "per-layer"
     rank_cap: int | None = None
-    quant_types: tuple[str, ...] = QUANT_TYPES
-    group_sizes: tuple[int, ...] = (1, 16, 64, 256, 1024)
+    metric: str = "attention"  # "attention": errors as attention output sees them (kvcal.fit.metric); "mse": plain
+    budget: str = "joint"  # "joint": keys and values share one bit budget; "split": each gets its share
     obs_window: int = 32
     pyramid_mode: str = "attention"  # "attention" (fitted from entropy) or "arithmetic" (classic PyramidKV)
     pyramid_beta: float = 20.0
@@ -66,11 +65,10 @@ class Recipe:
             raise DataError(f"pca_grouping must be cross-layer or per-layer, not {self.pca_grouping!r}")
         if self.pyramid_mode not in ("attention", "arithmetic"):
             raise DataError(f"pyramid_mode must be attention or arithmetic, not {self.pyramid_mode!r}")
-        bad = [t for t in self.quant_types if t not in QUANT_TYPES]
-        if bad or "none" not in self.quant_types:
-            raise DataError(f"quant_types must be drawn from {', '.join(QUANT_TYPES)} and include none")
-        if 1 not in self.group_sizes or any(g < 1 for g in self.group_sizes):
-            raise DataError("group_sizes must be positive and include 1")
+        if self.metric not in ("attention", "mse"):
+            raise DataError(f"metric must be attention or mse, not {self.metric!r}")
+        if self.budget not in ("joint", "split"):
+            raise DataError(f"budget must be joint or split, not {self.budget!r}")
         if self.sink < 0 or self.window < 0:
             raise DataError("sink and window must be >= 0")
         if self.seq_len < self.sink + self.obs_window + 16:
@@ -117,7 +115,7 @@ def load_recipe(path: str | Path | None = None, model_type: str | None = None, *
         values.update(flat)
         source = name if not path or Path(path).resolve().parent != RECIPES_DIR else f"recipes/{Path(path).name}"
     values.update({k: v for k, v in overrides.items() if v is not None and v != ()})
-    for key in ("ratios", "quant_types", "group_sizes"):
+    for key in ("ratios",):
         if key in values:
             values[key] = tuple(values[key])
     if "ratios" in values:

@@ -12,7 +12,7 @@ from fixtures import write_tiny_model  # noqa: E402
 
 torch.set_num_threads(1)  # tiny models: threads only add overhead and contention
 EVAL_CORPUS = Path(__file__).resolve().parents[1] / "artifacts" / "corpus" / "eval.jsonl"
-TINY_CAL = dict(seq_len=256, max_tokens=256 * 12, ratios=(2, 4, 8), window=32, heldout_tokens=1024)
+TINY_CAL = dict(seq_len=256, max_tokens=256 * 12, ratios=(2, 4, 8), window=32, heldout_tokens=1024, heldout_every=2)
 
 
 class TinyModels(dict):

@@ -10,7 +10,7 @@ from conftest import EVAL_CORPUS, TINY_CAL
 from fixtures import FAMILIES
 
 import kvcal
-from kvcal.artifact import ARTIFACT_FILE, Artifact
+from kvcal.artifact import ratio_key, ARTIFACT_FILE, Artifact
 from kvcal.capture import StreamingMoments
 from kvcal.cli import main
 from kvcal.errors import ArtifactError, DataError, RatioError
@@ -31,8 +31,15 @@ def test_calibrate_every_family_writes_a_valid_artifact(calibrated, family):
         for g, _layers in enumerate(art.groups):
             basis = art.basis(kind, g)
             assert torch.allclose(basis.T @ basis, torch.eye(basis.shape[1]), atol=1e-5)  # orthonormal columns
-            bits = [sum(q.size for q in art.allocation(kind, g, r) if q.qtype != "none") for r in art.ratios]
-            assert bits[0] >= bits[-1]  # a lower ratio never keeps fewer coordinates
+            kept = [int((art.steps(kind, g, r)[:, 0] > 0).sum()) for r in art.ratios]
+            assert kept[0] >= kept[-1]  # a lower ratio never keeps fewer coordinates
+    # One joint K/V budget: together the bases spend at most what each ratio allows, and fewer bits as it rises.
+    dims = sum(art.basis(kind, g).shape[0] for kind in ("k", "v") for g in range(len(art.groups)))
+    spent = [sum(b["bits_per_token"] for kind in ("k", "v") for b in art.meta["allocations"][ratio_key(r)][kind])
+             for r in art.ratios]
+    for r, bits in zip(art.ratios, spent):
+        assert bits <= dims * 16 / r * (1 + 1e-6), (r, bits)
+    assert spent == sorted(spent, reverse=True)
     meta = json.loads((calibrated(family) / "kvcal" / "kvcal.json").read_text())
     assert meta["overhead"]["percent"] > 0 and meta["calibration"]["tokens"] > 0
 
@@ -102,7 +109,10 @@ def test_cli_calibrate_json(tiny_models, tmp_path):
                                     str(tmp_path), "--ratio", "4", "--seq-len", "256", "--max-tokens", "2048", "--json"])
     assert res.exit_code == 0, res.output
     summary = json.loads(res.output)
-    assert summary["ratios"]["4"]["k"][0]["bits_per_token"] <= summary["ratios"]["4"]["k"][0]["budget_bits"]
+    art = Artifact.load(tmp_path)
+    dims = sum(art.basis(kind, 0).shape[0] for kind in ("k", "v"))
+    spent = sum(summary["ratios"]["4"][kind][0]["bits_per_token"] for kind in ("k", "v"))
+    assert 0 < spent <= dims * 16 / 4 * (1 + 1e-6)
 
 
 def test_unwritable_output_and_atomic_write(tiny_models, tmp_path, monkeypatch):

@@ -197,7 +197,8 @@ def test_transform_methods_account_their_bytes(llama):
     out = combo.apply(pre, ctx, 8.0)
     assert out.cache.layers[0].keys.shape[2] == SINK + round(m / 2) + WINDOW
     assert out.bf16_bytes == kvtc.bf16_bytes
-    assert 6.0 < out.bf16_bytes / out.stored_bytes < 10.0
+    # The codec at 4 measures 3-4x on this tiny random model (see test_codec), plus the bitmap.
+    assert 4.5 < out.bf16_bytes / out.stored_bytes < 10.0
 
 
 def test_kvtc_pyramidkv_puts_kept_tokens_back_at_their_positions(llama):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvcal.codec.quantize import (
+from kvcal.codec.rowwise import (
     FP16_MAX,
     META_BITS,
     PAYLOAD_BITS,
@@ -19,7 +19,7 @@ from kvcal.codec.quantize import (
     quantize,
     unpack_codes,
 )
-from kvcal.codec.quantize import _fp16_step as fp16_step
+from kvcal.codec.rowwise import _fp16_step as fp16_step
 from kvcal.errors import BitstreamError
 
 INT_TYPES = {"int2": 2, "int4": 4, "int8": 8}

@@ -19,6 +19,11 @@ import torch
 from torch import nn
 
 
+# RoPE types whose cos/sin at a position do not depend on the other positions of the call.
+_STATIC_ROPE_TYPES = frozenset({"default", "linear", "llama3", "yarn"})
+_MAX_TABLE_POSITIONS = 1 << 20
+
+
 @dataclass(frozen=True)
 class KVLayout:
     """Shapes of one model's KV cache, per layer."""
@@ -56,6 +61,9 @@ class ModelAdapter:
 
     model_types: ClassVar[tuple[str, ...]] = ()
     interleaved: bool = False  # pre-RoPE rotary dims are adjacent pairs that the model rotates into halves
+    # Whether the cache's keys/values are what queries and o_proj read directly, so that the attention-aware
+    # metric (``kvcal.fit.metric``) applies; MLA caches a latent instead and falls back to plain squared error.
+    supports_attention_metric: ClassVar[bool] = True
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -63,6 +71,12 @@ class ModelAdapter:
         self.decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
         self.rotary = self.decoder.rotary_emb
         self._rotary_takes_layer_type = "layer_type" in inspect.signature(self.rotary.forward).parameters
+        # Dynamic and LongRoPE rescale with the sequence length seen, so their tables cannot be reused.
+        # Multi-type rotaries (Gemma 3) hold one rope type per layer type.
+        rope_type = getattr(self.rotary, "rope_type", None)
+        types = rope_type.values() if isinstance(rope_type, dict) else [rope_type]
+        self._rope_cacheable = all(isinstance(t, str) and t in _STATIC_ROPE_TYPES for t in types)
+        self._rope_tables: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
 
     # --- layout -----------------------------------------------------------------------------------------
     def head_dim(self) -> int:
@@ -97,9 +111,29 @@ class ModelAdapter:
 
     @torch.no_grad()
     def cos_sin(self, layer_idx: int, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``cos``, ``sin`` ``[batch, n, rotary_dim]`` in float32, exactly as the model's rotary module makes them."""
+        """``cos``, ``sin`` ``[batch, n, rotary_dim]`` in float32, exactly as the model's rotary module makes them.
+
+        For RoPE types whose tables do not depend on the sequence length, a table over positions ``0..N`` is built
+        once (per layer type and device) and gathered from: each entry is the same float32 ``cos(pos * freq)`` the
+        module computes, so the result is bit-identical, without a rotary call per codec or capture step.
+        """
         device = next(self.rotary.buffers()).device
         positions = positions.to(device)
+        if not self._rope_cacheable or positions.numel() == 0:
+            return self._rotary_cos_sin(layer_idx, positions)
+        need = int(positions.max()) + 1
+        if int(positions.min()) < 0 or need > _MAX_TABLE_POSITIONS:
+            return self._rotary_cos_sin(layer_idx, positions)
+        key = (self.layer_type(layer_idx) if self._rotary_takes_layer_type else "", str(device))
+        table = self._rope_tables.get(key)
+        if table is None or table[0].shape[0] < need:
+            size = min(_MAX_TABLE_POSITIONS, max(need, 2 * (table[0].shape[0] if table is not None else 2048)))
+            cos, sin = self._rotary_cos_sin(layer_idx, torch.arange(size, device=device)[None])
+            table = self._rope_tables[key] = (cos[0], sin[0])
+        return table[0][positions], table[1][positions]
+
+    def _rotary_cos_sin(self, layer_idx: int, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        device = positions.device
         probe = torch.zeros(1, dtype=torch.float32, device=device)
         if self._rotary_takes_layer_type:
             cos, sin = self.rotary(probe, positions, self.layer_type(layer_idx))
@@ -171,6 +205,10 @@ class ModelAdapter:
     def split_key(self, output: torch.Tensor) -> torch.Tensor:
         b, n = output.shape[:2]
         return output.reshape(b, n, -1, self.head_dim()).transpose(1, 2)
+
+    def output_projection(self, layer_idx: int) -> torch.Tensor:
+        """``o_proj``'s weight ``[hidden, q_heads * v_head_dim]``: how value errors reach the residual stream."""
+        return self.attention(layer_idx).o_proj.weight
 
     def attention_scale(self, layer_idx: int) -> float:
         return float(getattr(self.attention(layer_idx), "scaling", self.head_dim() ** -0.5))

@@ -25,6 +25,7 @@ class DeepseekV3Adapter(ModelAdapter):
     """MLA: queries and expanded keys are ``[k_nope | k_rope]`` per head; RoPE (maybe interleaved) on the tail."""
 
     model_types = ("deepseek_v3",)
+    supports_attention_metric = False  # the cache holds the latent c_kv, not what queries and o_proj read
 
     def __init__(self, model: nn.Module):
         super().__init__(model)

@@ -28,7 +28,7 @@ import zstandard
 from kvcal.errors import BitstreamError, KvcalError
 
 MAGIC = b"KVCALKV\x00"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: codec v2 (calibrated steps, entropy-coded sections); 1: codec v1
 MAX_SECTION_NAME_CHARS = 128
 
 _PREFIX = struct.Struct("<8sHI")  # magic, format version, header_len
@@ -264,12 +264,13 @@ def _byte_view(data: Any, what: str) -> memoryview:
 def read_blob(
     blob: bytes | bytearray | memoryview,
     limits: Limits = Limits(),
-    expect_raw_bytes: Callable[[dict[str, Any]], Mapping[str, int]] | None = None,
+    expect_raw_bytes: Callable[[dict[str, Any]], Mapping[str, int | tuple[int, int]]] | None = None,
 ) -> tuple[dict[str, Any], dict[str, bytes]]:
     """Validate and unpack a blob into ``(header, {section name: raw bytes})``.
 
     ``header`` is the writer's header (the section table is removed). ``expect_raw_bytes``, when given, maps the
-    header to the raw size each section must have — the codec derives it from shapes it has validated — and is
+    header to the raw size each section must have (or inclusive ``(lo, hi)`` bounds) — the codec derives it from
+    shapes it has validated — and is
     checked before anything is decompressed, so a blob cannot make the reader allocate more than its shapes imply.
     """
     layout = _parse_layout(blob, limits)
@@ -330,6 +331,11 @@ def _check_version(version: int) -> None:
         raise BitstreamError(
             f"kvcal blob has format version {version}, but this kvcal reads only version {FORMAT_VERSION}: "
             "upgrade kvcal to read it"
+        )
+    if version == 1:
+        raise BitstreamError(
+            "kvcal blob has format version 1 (codec v1, per-token scales); this kvcal decodes version 2 only: "
+            "decode it with kvcal 0.1 and compress the cache again"
         )
     if version < 1:
         raise BitstreamError(f"kvcal blob has unknown format version {version}")
@@ -518,9 +524,12 @@ def _check_expected_raw_bytes(layout: _Layout, expect_raw_bytes: Callable[[dict[
             f"kvcal blob sections do not match its header: missing {_short(missing)}, unexpected {_short(unexpected)}"
         )
     for name, raw in declared.items():
-        if expected[name] != raw or not _is_int(expected[name]):
+        want = expected[name]
+        # An exact size, or (for entropy-coded sections, whose size depends on the data) inclusive bounds.
+        lo, hi = want if isinstance(want, tuple) else (want, want)
+        if not (_is_int(lo) and _is_int(hi) and lo <= raw <= hi):
             raise BitstreamError(
-                f"kvcal blob section {name!r} declares {raw} raw bytes, but its header implies {_short(expected[name])}"
+                f"kvcal blob section {name!r} declares {raw} raw bytes, but its header implies {_short(want)}"
             )
 
 

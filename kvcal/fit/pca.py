@@ -1,4 +1,10 @@
-"""PCA bases from streamed moments: a mean and an orthonormal basis ordered by decreasing variance."""
+"""PCA bases from streamed moments, in the space where squared error is the error that matters.
+
+A token row ``x`` (layers then heads then dims) is centred and mapped blockwise by the metric's weights
+(``kvcal.fit.metric``): ``y = A (x - mean)``. The basis diagonalises the covariance of ``y``, so its coordinates
+are uncorrelated *and* squared error on them is the metric's error: coordinate ``i`` costs ``eigenvalue_i`` when
+pruned, and quantization error adds up across coordinates. With the ``mse`` metric ``A`` is the identity.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +13,17 @@ from dataclasses import dataclass
 import torch
 
 from kvcal.capture import StreamingMoments
+from kvcal.codec.transform import weighted_columns
+from kvcal.fit.metric import BlockWeights
 
 
 @dataclass(frozen=True)
 class PcaBasis:
     mean: torch.Tensor  # [p] float32
-    basis: torch.Tensor  # [p, r] float32, orthonormal columns
+    basis: torch.Tensor  # [p, r] float32, orthonormal columns in the weighted space
     eigenvalues: torch.Tensor  # [r] float64, variance along each column, decreasing
-    total_variance: float  # trace of the covariance: explained-variance fractions divide by it
+    total_variance: float  # trace of the weighted covariance: explained-variance fractions divide by it
+    weights: BlockWeights
 
     @property
     def dim(self) -> int:
@@ -24,22 +33,37 @@ class PcaBasis:
     def rank(self) -> int:
         return self.basis.shape[1]
 
+    def encoder(self, rank: int | None = None) -> torch.Tensor:
+        """``E`` ``[p, r]`` with ``coords = (x - mean) @ E``: the blockwise weight, then the basis."""
+        return weighted_columns(self.weights.weight, self.basis[:, : self.rank if rank is None else rank])
+
+    def decoder(self, rank: int | None = None) -> torch.Tensor:
+        """``D`` ``[r, p]`` with ``x = coords @ D + mean``; ``E @ D`` is the identity on the kept coordinates."""
+        return weighted_columns(self.weights.inverse, self.basis[:, : self.rank if rank is None else rank]).T
+
     def project(self, x: torch.Tensor, rank: int | None = None) -> torch.Tensor:
-        r = self.rank if rank is None else rank
-        return (x.float() - self.mean.to(x.device)) @ self.basis[:, :r].to(x.device)
+        return (x.float() - self.mean.to(x.device)) @ self.encoder(rank).to(x.device)
 
     def reconstruct(self, coords: torch.Tensor) -> torch.Tensor:
-        r = coords.shape[-1]
-        return coords @ self.basis[:, :r].T.to(coords.device) + self.mean.to(coords.device)
+        return coords @ self.decoder(coords.shape[-1]).to(coords.device) + self.mean.to(coords.device)
 
     def explained_variance(self) -> torch.Tensor:
-        """Cumulative fraction of variance kept by the first 1..r components."""
+        """Cumulative fraction of (weighted) variance kept by the first 1..r components."""
         return (self.eigenvalues.cumsum(0) / max(self.total_variance, 1e-30)).clamp(max=1.0)
 
 
-def fit_pca_basis(moments: StreamingMoments, rank_cap: int | None = None) -> PcaBasis:
-    """Eigendecomposition of the centred covariance (float64); keeps at most ``rank_cap`` components."""
+def fit_pca_basis(moments: StreamingMoments, rank_cap: int | None = None, weights: BlockWeights | None = None,
+                  head_dim: int | None = None) -> PcaBasis:
+    """Eigendecomposition of the weighted, centred covariance (float64); keeps at most ``rank_cap`` components.
+
+    Without ``weights`` the metric is plain squared error (``head_dim`` then sizes the identity blocks).
+    """
     mean, cov = moments.mean_and_covariance()
+    if weights is None:
+        d = head_dim or cov.shape[0]
+        weights = BlockWeights.identity(cov.shape[0] // d, d)
+    cov = weights.apply_to_covariance(cov)
+    cov = (cov + cov.T) / 2
     evals, evecs = torch.linalg.eigh(cov)
     order = torch.argsort(evals, descending=True)
     evals, evecs = evals[order].clamp_min(0), evecs[:, order]
@@ -52,4 +76,5 @@ def fit_pca_basis(moments: StreamingMoments, rank_cap: int | None = None) -> Pca
         basis=evecs[:, :r].float().cpu().contiguous(),
         eigenvalues=evals[:r].cpu(),
         total_variance=float(cov.diagonal().sum()),
+        weights=BlockWeights(weights.weight.cpu(), weights.inverse.cpu()),
     )

@@ -1,6 +1,6 @@
 """Fixed-rate baselines: the uncompressed cache and plain quantization of the cached tensors.
 
-Every quantizer here is the codec's own (``kvcal.codec.quantize``: fp16 shift and scale rounded so nothing
+Every quantizer here is the codec's own (``kvcal.codec.rowwise``: fp16 shift and scale rounded so nothing
 clips), applied to the cached (post-RoPE) tensors as a serving system would. Bytes are counted from what
 would be stored: packed codes plus every fp16 shift and scale.
 """
@@ -12,7 +12,7 @@ from typing import ClassVar
 
 import torch
 
-from kvcal.codec.quantize import PAYLOAD_BITS, dequantize, packed_size, quantize
+from kvcal.codec.rowwise import PAYLOAD_BITS, dequantize, packed_size, quantize
 from kvcal.eval.methods.base import (
     BF16_BYTES,
     FP16_BYTES,

@@ -8,6 +8,7 @@ from typing import ClassVar
 
 import torch
 
+from kvcal.codec.transform import projection_for
 from kvcal.errors import RatioError
 from kvcal.eval.methods.base import (
     BF16_BYTES,
@@ -55,6 +56,8 @@ def rows_to_layers(ctx: MethodContext, pre: Prefilled, kind: str, g: int, rows: 
 class PcaTruncation(CacheMethod):
     """Keep the top ``k = round(p / ratio)`` PCA coordinates of each group in bf16, drop the rest; no quantization.
 
+    The coordinates are the artifact's (in its metric's space, so "top" means most output error removed).
+
     ``k`` is capped by the basis columns the artifact stores (the most any of its ratios uses), so at low
     ratios the measured ratio can exceed the target: the row reports the measured one.
     """
@@ -80,11 +83,11 @@ class PcaTruncation(CacheMethod):
             for g in range(len(ctx.artifact.groups)):
                 rows = group_rows(ctx, pre, kind, g)
                 k = self.kept_rank(ctx, kind, g, ratio)
-                basis = ctx.artifact.basis(kind, g)[:, :k].float().to(rows.device)
-                mean = ctx.artifact.mean(kind, g).float().to(rows.device)
-                coords = ((rows - mean) @ basis).to(torch.bfloat16).float()  # what would be stored
+                projection = projection_for(ctx.artifact, kind, g, torch.arange(k)).to(rows.device)
+                coords = projection.project(rows).to(torch.bfloat16).float()  # what would be stored
                 stored += coords.numel() * BF16_BYTES
-                for layer, t in rows_to_layers(ctx, pre, kind, g, coords @ basis.T + mean).items():
+                decoded = coords @ projection.decoder + projection.mean
+                for layer, t in rows_to_layers(ctx, pre, kind, g, decoded).items():
                     restored.setdefault(layer, {})[kind] = t
         replaced = {}
         for layer, kv in restored.items():
@@ -98,7 +101,7 @@ class Kvtc(CacheMethod):
     """The KVTC codec at one of the artifact's ratios; bytes are the blob's middle sections (``stats()``)."""
 
     name: ClassVar[str] = "kvtc"
-    summary: ClassVar[str] = "KVTC: PCA + DP bit allocation + entropy coding (the kvcal codec)"
+    summary: ClassVar[str] = "KVTC v2: weighted PCA + calibrated steps + ANS (the kvcal codec)"
     takes_ratio: ClassVar[bool] = True
     needs_artifact: ClassVar[bool] = True
 

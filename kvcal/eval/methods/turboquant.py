@@ -29,7 +29,7 @@ from typing import ClassVar
 
 import torch
 
-from kvcal.codec.quantize import packed_size
+from kvcal.codec.rowwise import packed_size
 from kvcal.errors import KvcalError
 from kvcal.eval.methods.base import (
     FP16_BYTES,

@@ -1,0 +1,178 @@
+"""The entropy stage: calibrated per-coordinate symbol models and the coders that spend bits under them.
+
+Each kept PCA coordinate's integer codes ``q`` (``kvcal.codec.quantize``) get a **symbol model** fitted at
+calibration and stored in the artifact: a family (a Gaussian or a Laplace quantized to unit bins, whichever
+gives held-out codes fewer bits), its scale in units of the step, and a span ``[-span, span]`` outside which
+codes are clipped. ``symbol_pmf`` is the one formula both sides use: the calibration's rate measurements
+(``kvcal.fit.steps``) and the coder's probability tables, so the allocator costs exactly what the coder spends.
+
+Stages (``ENTROPY_STAGES``, by name):
+- ``ans``: rANS through ``constriction`` (Rust), one categorical table per coordinate, coordinate-major. Within
+  ~1% of the model's cross-entropy. Its decoder does a fixed amount of work per symbol whatever the bytes, so
+  hostile input cannot make it loop or allocate beyond the ``n x k`` codes the (validated) header implies; the
+  stream must also end exactly where the encoder started, which catches most payload edits.
+- ``zstd``: the codes as little-endian int16, coordinate-major, left to the container's zstd (kvcal v1's stage
+  and the ablation's baseline).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import cached_property
+from typing import ClassVar, Protocol
+
+import numpy as np
+import torch
+
+from kvcal.errors import BitstreamError
+
+FAMILIES = ("gaussian", "laplace")
+MAX_SPAN = (1 << 15) - 1  # codes travel as int16 in the zstd stage
+# Every symbol in the span keeps at least this probability, so a code the calibration never saw still codes
+# (at ~23 bits) instead of failing; it also matches constriction's own leakiness.
+PMF_FLOOR = 1e-7
+_SQRT2 = math.sqrt(2.0)
+
+
+def symbol_pmf(family: torch.Tensor, scale: torch.Tensor, q: torch.Tensor, span: torch.Tensor) -> torch.Tensor:
+    """Probability of integer code ``q`` under each model, float64, broadcasting all arguments.
+
+    ``family`` 0 = Gaussian (``scale`` = std), 1 = Laplace (``scale`` = b), both in units of the step, zero mean,
+    integrated over ``[q - 1/2, q + 1/2]``, floored at ``PMF_FLOOR`` and renormalised over ``[-span, span]``.
+    """
+    a = q.to(torch.float64).abs()
+    s = scale.to(torch.float64).clamp_min(1e-12)
+    lo, hi = (a - 0.5).clamp_min(0.0), a + 0.5
+    gauss = 0.5 * (torch.erfc(lo / (s * _SQRT2)) - torch.erfc(hi / (s * _SQRT2)))
+    lap = 0.5 * (torch.exp(-lo / s) - torch.exp(-hi / s))
+    # The zero bin spans both sides of the origin: its mass is twice the one-sided integral above.
+    zero = a < 0.5
+    gauss = torch.where(zero, torch.erf(0.5 / (s * _SQRT2)), gauss)
+    lap = torch.where(zero, 1.0 - torch.exp(-0.5 / s), lap)
+    p = torch.where(family.to(torch.int64) == 1, lap, gauss).clamp_min(0.0)
+    n_symbols = 2 * span.to(torch.float64) + 1
+    return (p + PMF_FLOOR) / (1.0 + PMF_FLOOR * n_symbols)
+
+
+@dataclass(frozen=True)
+class SymbolModels:
+    """The symbol models of the ``k`` kept coordinates of one PCA group at one ratio, in coding order."""
+
+    family: torch.Tensor  # [k] int
+    scale: torch.Tensor  # [k] float
+    span: torch.Tensor  # [k] int
+
+    def __len__(self) -> int:
+        return int(self.span.numel())
+
+    @cached_property
+    def spans(self) -> np.ndarray:
+        return self.span.to(torch.int64).numpy()
+
+    @cached_property
+    def tables(self) -> list:
+        """One ``constriction`` categorical model per coordinate over symbols ``0 .. 2 * span`` (code + span)."""
+        import constriction
+
+        out = []
+        for f, s, r in zip(self.family.tolist(), self.scale.tolist(), self.span.tolist(), strict=True):
+            q = torch.arange(-int(r), int(r) + 1)
+            pmf = symbol_pmf(torch.tensor(f), torch.tensor(s), q, torch.tensor(r)).numpy()
+            out.append(constriction.stream.model.Categorical(pmf / pmf.sum(), perfect=False))
+        return out
+
+
+class EntropyStage(Protocol):
+    name: ClassVar[str]
+    container_zstd: ClassVar[bool]  # whether the blob container should zstd the section
+
+    def encode(self, codes: np.ndarray, models: SymbolModels) -> bytes: ...
+
+    def decode(self, data: bytes, n: int, models: SymbolModels) -> np.ndarray: ...
+
+    def raw_size_bounds(self, n: int, k: int) -> tuple[int, int]: ...
+
+
+class AnsStage:
+    """rANS over every coordinate's codes with its calibrated table (``constriction``'s stack coder)."""
+
+    name: ClassVar[str] = "ans"
+    container_zstd: ClassVar[bool] = False
+
+    def encode(self, codes: np.ndarray, models: SymbolModels) -> bytes:
+        import constriction
+
+        n, k = codes.shape
+        if k == 0 or n == 0:
+            return b""
+        symbols = np.ascontiguousarray((codes + models.spans[None, :]).T.astype(np.int32))
+        coder = constriction.stream.stack.AnsCoder()
+        tables = models.tables
+        for j in range(k - 1, -1, -1):  # a stack: encode backwards so the decoder reads coordinate 0 first
+            coder.encode_reverse(symbols[j], tables[j])
+        return coder.get_compressed().astype("<u4").tobytes()
+
+    def decode(self, data: bytes, n: int, models: SymbolModels) -> np.ndarray:
+        import constriction
+
+        k = len(models)
+        if k == 0 or n == 0:
+            if data:
+                raise BitstreamError("kvcal blob: an entropy-coded section holds bytes where no codes are expected")
+            return np.zeros((n, k), dtype=np.int32)
+        if len(data) % 4 or not data:
+            raise BitstreamError("kvcal blob: an ANS section is not a whole number of 32-bit words")
+        words = np.frombuffer(data, dtype="<u4").astype(np.uint32)
+        out = np.empty((k, n), dtype=np.int32)
+        try:
+            coder = constriction.stream.stack.AnsCoder(words)
+            tables = models.tables
+            for j in range(k):
+                out[j] = coder.decode(tables[j], n)
+            clean = coder.is_empty()
+        except BitstreamError:
+            raise
+        except Exception as err:  # constriction refuses malformed streams with ValueError and friends
+            raise BitstreamError(f"kvcal blob: an ANS section does not decode ({str(err).splitlines()[0]})") from None
+        if not clean:
+            raise BitstreamError("kvcal blob: an ANS section does not decode cleanly (corrupted payload)")
+        return (out - models.spans[:, None]).T
+
+    def raw_size_bounds(self, n: int, k: int) -> tuple[int, int]:
+        if n * k == 0:
+            return 0, 0
+        # A floored symbol costs at most -log2(PMF_FLOOR / 2) < 25 bits; the coder adds at most two words.
+        return 4, 4 * (math.ceil(n * k * 25 / 32) + 2)
+
+
+class ZstdStage:
+    """Codes as int16, coordinate-major; the container zstd-codes the section."""
+
+    name: ClassVar[str] = "zstd"
+    container_zstd: ClassVar[bool] = True
+
+    def encode(self, codes: np.ndarray, models: SymbolModels) -> bytes:
+        return np.ascontiguousarray(codes.T).astype("<i2").tobytes()
+
+    def decode(self, data: bytes, n: int, models: SymbolModels) -> np.ndarray:
+        k = len(models)
+        if len(data) != 2 * n * k:
+            raise BitstreamError(f"kvcal blob: a zstd code section holds {len(data)} bytes, {2 * n * k} expected")
+        codes = np.frombuffer(data, dtype="<i2").astype(np.int32).reshape(k, n)
+        # Hostile bytes may hold any int16; clip to the spans the encoder could have produced.
+        return np.clip(codes, -models.spans[:, None], models.spans[:, None]).T
+
+    def raw_size_bounds(self, n: int, k: int) -> tuple[int, int]:
+        return 2 * n * k, 2 * n * k
+
+
+ENTROPY_STAGES: dict[str, EntropyStage] = {stage.name: stage for stage in (AnsStage(), ZstdStage())}
+
+
+def entropy_stage(name: str) -> EntropyStage:
+    from kvcal.errors import KvcalError
+
+    if name not in ENTROPY_STAGES:
+        raise KvcalError(f"unknown entropy stage {name!r}; choose one of {', '.join(ENTROPY_STAGES)}")
+    return ENTROPY_STAGES[name]

@@ -1,0 +1,101 @@
+"""The transform: cache tensors -> position-free token rows -> PCA coordinates, and back.
+
+Keys are un-rotated at their true positions by the model's adapter; the layers of a PCA group are concatenated
+per token (layers, then heads, then dims), centred, and mapped by the artifact's encoder (metric weights, then
+the basis columns the ratio keeps). Decoding multiplies by the decoder (the exact inverse on those columns),
+adds the mean and re-applies RoPE.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvcal.adapters import KVLayout, ModelAdapter
+from kvcal.codec.geometry import CacheGeometry
+
+
+@dataclass(frozen=True)
+class Projection:
+    """One PCA group's map between token rows ``[n, p]`` and kept coordinates ``[n, k]``."""
+
+    mean: torch.Tensor  # [p]
+    encoder: torch.Tensor  # [p, k]
+    decoder: torch.Tensor  # [k, p]
+    layer_slices: dict[int, slice]  # columns of each layer in a row
+
+    def to(self, device) -> Projection:
+        if self.mean.device == torch.device(device):
+            return self
+        return Projection(self.mean.to(device), self.encoder.to(device), self.decoder.to(device), self.layer_slices)
+
+    def project(self, rows: torch.Tensor) -> torch.Tensor:
+        return (rows.float() - self.mean) @ self.encoder
+
+    def reconstruct_layer(self, coords: torch.Tensor, layer: int, heads: int, head_dim: int) -> torch.Tensor:
+        """One layer's slice of the decoded rows, ``[n, heads, head_dim]`` (keys still position-free)."""
+        sl = self.layer_slices[layer]
+        x = coords @ self.decoder[:, sl] + self.mean[sl]
+        return x.reshape(coords.shape[0], heads, head_dim)
+
+
+def weighted_columns(blocks: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """``Bd(blocks)^T @ columns`` for a block-diagonal ``Bd`` of ``[b, d, d]`` blocks, as float32 ``[p, r]``."""
+    b, d, _ = blocks.shape
+    r = columns.shape[1]
+    cols = columns.to(torch.float64).reshape(b, d, r)
+    return torch.einsum("aji,ajr->air", blocks.to(torch.float64), cols).reshape(b * d, r).float()
+
+
+def projection_for(artifact, kind: str, g: int, columns: torch.Tensor) -> Projection:
+    """The encoder/decoder of PCA group ``g`` restricted to basis ``columns`` (indices), from the artifact."""
+    basis = artifact.basis(kind, g).double()[:, columns]
+    weight, inverse = artifact.metric_weights(kind, g)
+    layout = artifact.layout
+    return Projection(artifact.mean(kind, g).float(), weighted_columns(weight, basis),
+                      weighted_columns(inverse, basis).T.contiguous(),
+                      layer_slices(layout, kind, artifact.groups[g]))
+
+
+def head_dim(layout: KVLayout, kind: str) -> int:
+    return layout.head_dim if kind == "k" else layout.v_head_dim
+
+
+def layer_slices(layout: KVLayout, kind: str, layers: tuple[int, ...]) -> dict[int, slice]:
+    width = layout.num_kv_heads * head_dim(layout, kind)
+    return {layer: slice(i * width, (i + 1) * width) for i, layer in enumerate(layers)}
+
+
+def middle_rows(kv, geo: CacheGeometry, adapter: ModelAdapter, kind: str, layers: tuple[int, ...]) -> torch.Tensor:
+    """Middle tokens of every batch item as rows ``[N, p]``, position-free, float32, item-major."""
+    rows = []
+    for item in range(geo.batch):
+        lo, hi = geo.middle(item)
+        if hi <= lo:
+            continue
+        parts = []
+        for layer in layers:
+            t = kv[layer][0 if kind == "k" else 1][item : item + 1, :, lo:hi]
+            t = adapter.position_free(kind, t, layer, geo.positions(item, lo, hi, t.device))
+            parts.append(t[0].permute(1, 0, 2).reshape(hi - lo, -1))
+        rows.append(torch.cat(parts, dim=1))
+    return torch.cat(rows)
+
+
+def scatter_middle(kv, geo: CacheGeometry, adapter: ModelAdapter, kind: str, layers: tuple[int, ...],
+                   projection: Projection, coords: torch.Tensor, layout: KVLayout) -> None:
+    """Decode ``coords`` (rows as ``middle_rows`` made them) into the middle of ``kv``'s tensors, in place."""
+    heads, d = layout.num_kv_heads, head_dim(layout, kind)
+    row = 0
+    for item in range(geo.batch):
+        lo, hi = geo.middle(item)
+        if hi <= lo:
+            continue
+        part = coords[row : row + hi - lo]
+        for layer in layers:
+            t = projection.reconstruct_layer(part, layer, heads, d).permute(1, 0, 2)[None]
+            t = adapter.at_positions(kind, t, layer, geo.positions(item, lo, hi, coords.device))
+            target = kv[layer][0 if kind == "k" else 1]
+            target[item, :, lo:hi] = t[0].to(target.dtype)
+        row += hi - lo
