@@ -15,12 +15,13 @@ from kvcal import __version__
 from kvcal.adapters import adapter_for
 from kvcal.artifact import ARTIFACT_FORMAT, ARTIFACT_VERSION, Artifact, model_fingerprint, ratio_key
 from kvcal.capture import CaptureSpec, capture_kv_statistics
+from kvcal.clitools import OutputError, check_output_dir
 from kvcal.data import bundled_corpus, bundled_model, load_texts, token_windows
-from kvcal.errors import DataError
-from kvcal.fit.metric import fit_metric
-from kvcal.fit.steps import StepAllocation, allocate_steps, measure_rate_distortion
+from kvcal.errors import ArtifactError, DataError
 from kvcal.fit.budgets import arithmetic_weights, attention_weights
+from kvcal.fit.metric import fit_metric
 from kvcal.fit.pca import fit_pca_basis
+from kvcal.fit.steps import StepAllocation, allocate_steps, measure_rate_distortion
 from kvcal.models import check_model_dir, load_model
 from kvcal.recipe import Recipe, load_recipe
 
@@ -98,6 +99,11 @@ def calibrate(
         model_type = model.config.get_text_config(decoder=True).model_type
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, model_type, **overrides)
+    out_dir = Path(out) if out else model_dir / "kvcal"
+    try:  # an unwritable destination is reported now, not after minutes of capture and fitting
+        check_output_dir(out_dir, "the output directory")
+    except OutputError as err:
+        raise ArtifactError(f"cannot write the artifact: {err}") from None
     texts = load_texts(data or [bundled_corpus("calib")])
     if model is None:
         model, tokenizer = load_model(model_dir, device)
@@ -194,5 +200,5 @@ def calibrate(
     }
     artifact = Artifact(meta, tensors)
     artifact.validate()
-    path = artifact.save(Path(out) if out else model_dir / "kvcal")
+    path = artifact.save(out_dir)
     return CalibrationReport(artifact, path, time.time() - t0)

@@ -78,10 +78,15 @@ def main() -> None:
 @click.option("--seq-len", type=int, help="Calibration sequence length.")
 @click.option("--grouping", "pca_grouping", type=click.Choice(["cross-layer", "per-layer"]), help="PCA grouping.")
 @click.option("--rank-cap", type=int, help="Keep at most this many PCA components.")
+@click.option("--metric", type=click.Choice(["attention", "mse"]),
+              help="Error the allocation minimises: as attention output sees it, or plain squared error (ablation).")
+@click.option("--budget", type=click.Choice(["joint", "split"]),
+              help="One bit budget for keys and values together, or each kind its share (ablation).")
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]), show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
 @verbose_option
-def calibrate(model_dir, data, recipe, ratios, out, sink, window, max_tokens, seq_len, pca_grouping, rank_cap, device, as_json):
+def calibrate(model_dir, data, recipe, ratios, out, sink, window, max_tokens, seq_len, pca_grouping, rank_cap, metric, budget, device,
+              as_json):
     """Fit PCA bases, DP bit allocations and PyramidKV budgets; write MODEL_DIR/kvcal/.
 
     With no MODEL_DIR, calibrates the bundled reference model on the bundled corpus.
@@ -104,7 +109,7 @@ def calibrate(model_dir, data, recipe, ratios, out, sink, window, max_tokens, se
     report = run(
         model_dir, data=list(data) or None, recipe=recipe, out=out, device=device, progress=not as_json,
         ratios=tuple(ratios), sink=sink, window=window, max_tokens=max_tokens, seq_len=seq_len,
-        pca_grouping=pca_grouping, rank_cap=rank_cap,
+        pca_grouping=pca_grouping, rank_cap=rank_cap, metric=metric, budget=budget,
     )
     summary = report.summary()
     if as_json:
@@ -125,15 +130,13 @@ def render_calibration(s: dict) -> str:
         f"model: {s['model_type']}   tokens: {s['tokens']:,} in {s['sequences']} sequences   "
         f"grouping: {s['pca_grouping']}   time: {s['seconds']:.1f} s   overhead: {s['overhead_percent']:.2f}% of model parameters",
         "",
-        f"{'ratio':>6} {'kind':>4} {'bits/token':>10} {'expected':>9} {'kept coords':>11} {'expl.var':>9}  types",
+        f"{'ratio':>6} {'kind':>4} {'bits/token':>10} {'expected':>9} {'kept coords':>11} {'expl.var':>9}  symbol models",
     ]
-    for ratio, kinds in s["ratios"].items():
+    for ratio, kinds in sorted(s["ratios"].items(), key=lambda item: float(item[0])):
         for kind, groups in kinds.items():
             for g in groups:
-                kept = sum(n for t, n in g["coordinates"].items() if t != "none")
-                types = " ".join(f"{t}:{n}" for t, n in sorted(g["coordinates"].items()))
-                lines.append(f"{ratio:>6} {kind:>4} {g['bits_per_token']:>10} {g['expected_ratio']:>8.1f}x {kept:>11} "
-                             f"{g['explained_variance']:>9.4f}  {types}")
+                lines.append(f"{ratio:>6} {kind:>4} {g['bits_per_token']:>10} {g['expected_ratio']:>8.1f}x {g['kept']:>11} "
+                             f"{g['explained_variance']:>9.4f}  gaussian:{g['gaussian']} laplace:{g['laplace']}")
     return "\n".join(lines)
 
 

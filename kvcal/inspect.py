@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 from kvcal.artifact import Artifact, ratio_key
-from kvcal.codec.entropy import symbol_pmf
 from kvcal.fit.budgets import pyramid_budgets
+from kvcal.fit.symbols import symbol_pmf
 from kvcal.plotting import pyplot, save_figure
 
 KINDS = ("k", "v")

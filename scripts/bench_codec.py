@@ -1,10 +1,13 @@
-"""Codec speed, zstd level choice and KVTCCache memory, on a reference model (CPU, or CUDA when present).
+"""Codec speed per stage, entropy stage choice and KVTCCache memory, on a reference model (CPU, or CUDA when present).
 
-    python scripts/bench_codec.py                       # bundled kvcal-ref-llama, 2048 tokens
-    python scripts/bench_codec.py --model artifacts/kvcal-ref-qwen3 --tokens 2048 --batch 2
+    python scripts/bench_codec.py                       # bundled kvcal-ref-llama, 2048 tokens, ratios 16 and 64
+    python scripts/bench_codec.py --model artifacts/kvcal-ref-qwen3 --tokens 2048 --batch 2 --ratios 8 16 32 64
 
-Writes ``results/bench_codec.json`` and ``results/bench_codec.md``. Throughput is in MB/s of the bf16 size
-of the whole cache (what a serving stack would move); times are medians of ``--repeats`` runs.
+Writes ``results/bench_codec.json`` and ``results/bench_codec.md``. Throughput is in MB/s of the bf16 size of the
+whole cache (what a serving stack would move); times are medians of ``--repeats`` runs. Each run is also split
+into its stages, timed separately on the same data: the transform's projection matmuls (rows -> coordinates on
+the way in, coordinates -> rows on the way out) against everything else (RoPE undo/redo, gathering rows,
+quantizing, the entropy stage, the container). ``non-matmul / matmul`` is the issue's speed figure (goal <= 1).
 """
 
 from __future__ import annotations
@@ -18,12 +21,13 @@ import time
 from pathlib import Path
 
 import torch
-import zstandard
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import kvcal  # noqa: E402
 from kvcal.cache import KVTCCache, dynamic_cache_bytes  # noqa: E402
+from kvcal.codec.kvtc import KINDS, cache_tensors  # noqa: E402
+from kvcal.codec.transform import middle_rows  # noqa: E402
 from kvcal.data import bundled_corpus, bundled_model, load_texts, token_stream  # noqa: E402
 from kvcal.models import load_model  # noqa: E402
 
@@ -39,14 +43,47 @@ def timed(fn, repeats: int, sync) -> tuple[float, object]:
     return statistics.median(times), out
 
 
+def stage_times(codec, cache, repeats: int, sync) -> dict[str, float]:
+    """Seconds per stage of one compress and one decompress, each stage timed alone on the same data."""
+    kv, sliding = cache_tensors(cache)
+    geo = codec.geometry(kv, None, sliding, None)
+    keys = [(kind, g) for kind in KINDS for g in range(len(codec.groups))]
+    rows = {key: middle_rows(kv, geo, codec.adapter, key[0], codec.groups[key[1]]) for key in keys}
+    proj = {key: codec.projections[key].to(rows[key].device) for key in keys}
+    coords = {key: proj[key].project(rows[key]) for key in keys}
+    codes = {key: codec.quantizers[key].quantize(coords[key]).numpy() for key in keys}
+    payload = {key: codec.stage.encode(codes[key], codec.quantizers[key].models) for key in keys}
+    n = rows[keys[0]].shape[0]
+    L = codec.layout
+
+    def decode_matmuls():
+        for kind, g in keys:
+            for layer in codec.groups[g]:
+                codec.reconstruct_layer(kind, g, coords[(kind, g)], layer)
+
+    out = {
+        "gather_rows": timed(lambda: [middle_rows(kv, geo, codec.adapter, k, codec.groups[g]) for k, g in keys], repeats, sync)[0],
+        "project_matmul": timed(lambda: [proj[key].project(rows[key]) for key in keys], repeats, sync)[0],
+        "quantize": timed(lambda: [codec.quantizers[key].quantize(coords[key]) for key in keys], repeats, sync)[0],
+        "entropy_encode": timed(lambda: [codec.stage.encode(codes[key], codec.quantizers[key].models) for key in keys],
+                                repeats, sync)[0],
+        "entropy_decode": timed(lambda: [codec.stage.decode(payload[key], n, codec.quantizers[key].models) for key in keys],
+                                repeats, sync)[0],
+        "reconstruct_matmul": timed(decode_matmuls, repeats, sync)[0],
+    }
+    out["layers"] = L.num_layers
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=bundled_model())
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--ratios", type=float, nargs="*", default=None)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--generate", type=int, default=512, help="new tokens for the KVTCCache memory measurement")
+    ap.add_argument("--ratios", type=float, nargs="*", default=[16.0, 64.0])
+    ap.add_argument("--entropy", nargs="*", default=["ans", "zstd"], help="entropy stages to time")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--generate", type=int, default=384, help="new tokens for the KVTCCache memory measurement (0: skip)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--out-dir", type=Path, default=Path("results"))
@@ -63,82 +100,80 @@ def main() -> None:
     cache = out.past_key_values
     bf16_bytes = sum(t.numel() * 2 for lay in cache.layers for t in (lay.keys, lay.values))
     mb = bf16_bytes / 1e6
-    art_ratios = kvcal.load(args.model, model=model).artifact.ratios
-    ratios = args.ratios or art_ratios
     rows = []
-    for ratio in ratios:
-        codec = kvcal.load(args.model, ratio=ratio, model=model)
-        comp_s, blob = timed(lambda: codec.compress(cache), args.repeats, sync)
-        decomp_s, _ = timed(lambda: codec.decompress(blob, device=device), args.repeats, sync)
-        stats = codec.stats(blob)
-        # zstd's share: time spent compressing/decompressing the raw sections alone.
-        geo, sections = codec.parse(blob)
-        raw = list(sections.values())
-        zc = zstandard.ZstdCompressor(level=codec.zstd_level)
-        frames = [zc.compress(r) for r in raw]
-        zd = zstandard.ZstdDecompressor()
-        zstd_c, _ = timed(lambda: [zc.compress(r) for r in raw], args.repeats, sync)
-        zstd_d, _ = timed(lambda: [zd.decompress(f) for f in frames], args.repeats, sync)
-        rows.append({
-            "ratio": ratio, "middle_ratio": round(stats["middle_ratio"], 2), "whole_ratio": round(stats["whole_ratio"], 2),
-            "blob_bytes": len(blob), "compress_ms": round(comp_s * 1e3, 1), "decompress_ms": round(decomp_s * 1e3, 1),
-            "compress_MBps": round(mb / comp_s, 1), "decompress_MBps": round(mb / decomp_s, 1),
-            "zstd_share_compress": round(zstd_c / comp_s, 3), "zstd_share_decompress": round(zstd_d / decomp_s, 3),
-        })
-        print(json.dumps(rows[-1]), flush=True)
+    for ratio in args.ratios:
+        for entropy in args.entropy:
+            codec = kvcal.load(args.model, ratio=ratio, model=model, entropy=entropy)
+            codec.compress(cache)  # warm-up: symbol tables and RoPE tables are built once per codec
+            comp_s, blob = timed(lambda: codec.compress(cache), args.repeats, sync)
+            codec.decompress(blob, device=device)
+            decomp_s, _ = timed(lambda: codec.decompress(blob, device=device), args.repeats, sync)
+            stats = codec.stats(blob)
+            st = stage_times(codec, cache, args.repeats, sync)
+            row = {
+                "ratio": ratio, "entropy": entropy, "middle_ratio": round(stats["middle_ratio"], 2),
+                "whole_ratio": round(stats["whole_ratio"], 2), "blob_bytes": len(blob),
+                "compress_ms": round(comp_s * 1e3, 2), "decompress_ms": round(decomp_s * 1e3, 2),
+                "compress_MBps": round(mb / comp_s, 1), "decompress_MBps": round(mb / decomp_s, 1),
+                "stages_ms": {k: round(v * 1e3, 2) for k, v in st.items() if k != "layers"},
+                "non_matmul_over_matmul_compress": round((comp_s - st["project_matmul"]) / st["project_matmul"], 2),
+                "non_matmul_over_matmul_decompress": round((decomp_s - st["reconstruct_matmul"]) / st["reconstruct_matmul"], 2),
+            }
+            rows.append(row)
+            print(json.dumps(row), flush=True)
 
-    # zstd level: ratio and time of the whole blob at each level, for the middle ratio the DP targets most.
-    codec = kvcal.load(args.model, ratio=ratios[len(ratios) // 2], model=model)
-    levels = []
-    for level in (1, 3, 6, 9, 19):
-        codec.zstd_level = level
-        t, blob = timed(lambda: codec.compress(cache), args.repeats, sync)
-        levels.append({"level": level, "middle_ratio": round(codec.stats(blob)["middle_ratio"], 3), "compress_ms": round(t * 1e3, 1)})
-        print(json.dumps(levels[-1]), flush=True)
-
-    # KVTCCache: resident bytes after a long generation, against DynamicCache for the same tokens.
     mem = []
-    gen_ids = ids[:1, : min(args.tokens, 512)]
-    for ratio in ratios:
-        codec = kvcal.load(args.model, ratio=ratio, model=model)
-        kc = KVTCCache(codec, block=64, config=model.config)
+    dyn_tps = None
+    if args.generate:
+        gen_ids = ids[:1, : min(args.tokens, 512)]
+        for ratio in args.ratios:
+            codec = kvcal.load(args.model, ratio=ratio, model=model)
+            kc = KVTCCache(codec, block=64, config=model.config)
+            with torch.no_grad():
+                t = time.perf_counter()
+                model.generate(gen_ids, attention_mask=torch.ones_like(gen_ids), max_new_tokens=args.generate,
+                               min_new_tokens=args.generate, do_sample=False, past_key_values=kc)
+                gen_s = time.perf_counter() - t
+                dyn = model(input_ids=torch.zeros(1, kc.get_seq_length(), dtype=torch.long, device=device),
+                            use_cache=True).past_key_values
+            mem.append({"ratio": ratio, "tokens": kc.get_seq_length(), "kvtc_cache_bytes": kc.resident_bytes(),
+                        "dynamic_cache_bytes": dynamic_cache_bytes(dyn),
+                        "saving": round(dynamic_cache_bytes(dyn) / kc.resident_bytes(), 2),
+                        "tokens_per_s": round(args.generate / gen_s, 1)})
+            print(json.dumps(mem[-1]), flush=True)
+        t = time.perf_counter()
         with torch.no_grad():
-            t = time.perf_counter()
             model.generate(gen_ids, attention_mask=torch.ones_like(gen_ids), max_new_tokens=args.generate,
-                           min_new_tokens=args.generate, do_sample=False, past_key_values=kc)
-            gen_s = time.perf_counter() - t
-            dyn = model(input_ids=torch.zeros(1, kc.get_seq_length(), dtype=torch.long, device=device), use_cache=True).past_key_values
-        mem.append({"ratio": ratio, "tokens": kc.get_seq_length(), "kvtc_cache_bytes": kc.resident_bytes(),
-                    "dynamic_cache_bytes": dynamic_cache_bytes(dyn),
-                    "saving": round(dynamic_cache_bytes(dyn) / kc.resident_bytes(), 2),
-                    "tokens_per_s": round(args.generate / gen_s, 1)})
-        print(json.dumps(mem[-1]), flush=True)
-    t = time.perf_counter()
-    with torch.no_grad():
-        model.generate(gen_ids, attention_mask=torch.ones_like(gen_ids), max_new_tokens=args.generate,
-                       min_new_tokens=args.generate, do_sample=False)
-    dyn_tps = args.generate / (time.perf_counter() - t)
+                           min_new_tokens=args.generate, do_sample=False)
+        dyn_tps = round(args.generate / (time.perf_counter() - t), 1)
 
     result = {
         "model": str(args.model), "device": str(device), "dtype": str(next(model.parameters()).dtype),
         "tokens": args.tokens, "batch": args.batch, "cache_bf16_MB": round(mb, 3), "prefill_ms": round(prefill_s * 1e3, 1),
         "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
-        "codec": rows, "zstd_levels": levels, "kvtc_cache_memory": mem, "dynamic_cache_tokens_per_s": round(dyn_tps, 1),
+        "codec": rows, "kvtc_cache_memory": mem, "dynamic_cache_tokens_per_s": dyn_tps,
         "command": "python " + " ".join(sys.argv),
     }
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "bench_codec.json").write_text(json.dumps(result, indent=2) + "\n")
     md = [f"Codec on `{args.model.name}`, {args.batch} x {args.tokens} tokens ({mb:.2f} MB bf16), {device}, "
           f"{torch.get_num_threads()} threads; prefill (recompute) {prefill_s * 1e3:.0f} ms. `{result['command']}`", "",
-          "| ratio | measured middle ratio | whole-cache ratio | compress ms | decompress ms | compress MB/s | decompress MB/s | zstd share (c/d) |",
-          "|---|---|---|---|---|---|---|---|"]
-    md += [f"| {r['ratio']:g} | {r['middle_ratio']} | {r['whole_ratio']} | {r['compress_ms']} | {r['decompress_ms']} | "
-           f"{r['compress_MBps']} | {r['decompress_MBps']} | {r['zstd_share_compress']:.0%} / {r['zstd_share_decompress']:.0%} |" for r in rows]
-    md += ["", "| zstd level | middle ratio | compress ms |", "|---|---|---|"]
-    md += [f"| {lv['level']} | {lv['middle_ratio']} | {lv['compress_ms']} |" for lv in levels]
-    md += ["", f"KVTCCache after generating {args.generate} tokens (DynamicCache generates at {dyn_tps:.1f} tok/s):", "",
-           "| ratio | tokens | KVTCCache bytes | DynamicCache bytes | saving | tok/s |", "|---|---|---|---|---|---|"]
-    md += [f"| {m['ratio']:g} | {m['tokens']} | {m['kvtc_cache_bytes']:,} | {m['dynamic_cache_bytes']:,} | {m['saving']}x | {m['tokens_per_s']} |" for m in mem]
+          "| ratio | entropy | measured middle ratio | whole-cache ratio | compress ms | decompress ms | compress MB/s | "
+          "decompress MB/s | non-matmul / matmul (c / d) |",
+          "|---|---|---|---|---|---|---|---|---|"]
+    md += [f"| {r['ratio']:g} | {r['entropy']} | {r['middle_ratio']} | {r['whole_ratio']} | {r['compress_ms']} | "
+           f"{r['decompress_ms']} | {r['compress_MBps']} | {r['decompress_MBps']} | "
+           f"{r['non_matmul_over_matmul_compress']} / {r['non_matmul_over_matmul_decompress']} |" for r in rows]
+    stage_names = list(rows[0]["stages_ms"]) if rows else []
+    md += ["", "Stages, each timed alone on the same data (ms):", "",
+           "| ratio | entropy | " + " | ".join(stage_names) + " |", "|---|---|" + "---|" * len(stage_names)]
+    md += [f"| {r['ratio']:g} | {r['entropy']} | " + " | ".join(str(r["stages_ms"][s]) for s in stage_names) + " |"
+           for r in rows]
+    if mem:
+        md += ["", f"KVTCCache after generating {args.generate} tokens (DynamicCache generates at {dyn_tps} tok/s):", "",
+               "| ratio | tokens | KVTCCache bytes | DynamicCache bytes | saving | tok/s |", "|---|---|---|---|---|---|"]
+        md += [f"| {m['ratio']:g} | {m['tokens']} | {m['kvtc_cache_bytes']:,} | {m['dynamic_cache_bytes']:,} | "
+               f"{m['saving']}x | {m['tokens_per_s']} |" for m in mem]
     (args.out_dir / "bench_codec.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 

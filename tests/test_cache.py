@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from test_codec import text_ids
 
 import kvcal
 from kvcal.cache import KVTCCache, dynamic_cache_bytes
 from kvcal.models import load_model
-from test_codec import text_ids
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3", "phi3"])

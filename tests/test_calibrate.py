@@ -10,7 +10,7 @@ from conftest import EVAL_CORPUS, TINY_CAL
 from fixtures import FAMILIES
 
 import kvcal
-from kvcal.artifact import ratio_key, ARTIFACT_FILE, Artifact
+from kvcal.artifact import ARTIFACT_FILE, Artifact, ratio_key
 from kvcal.capture import StreamingMoments
 from kvcal.cli import main
 from kvcal.errors import ArtifactError, DataError, RatioError
@@ -167,3 +167,28 @@ def test_budgets_follow_attention_entropy_and_bounds():
     assert sum(b) == 400 and b[3] == max(b) and b[0] == min(b) and min(b) >= 10
     with pytest.raises(RatioError):
         pyramid_budgets(5, w, min_tokens=2)
+
+
+def test_unwritable_output_fails_before_the_model_loads(tiny_models, tmp_path, monkeypatch):
+    """The API checks its destination first: a bad --out costs no capture or fitting."""
+    import kvcal.calibration as calibration
+
+    def no_model_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output directory was checked")
+
+    monkeypatch.setattr(calibration, "load_model", no_model_load)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ArtifactError, match="cannot write the artifact"):
+        kvcal.calibrate(tiny_models["llama"], data=[EVAL_CORPUS], out=blocker / "sub", progress=False, **TINY_CAL)
+
+
+def test_text_summary_lists_every_ratio_in_order(calibrated):
+    from kvcal.cli import render_calibration
+
+    art = Artifact.load(calibrated("llama"))
+    summary = {"artifact": "x", "model_type": "llama", "tokens": 1, "sequences": 1, "pca_grouping": "cross-layer",
+               "seconds": 1.0, "overhead_percent": 1.0, "ratios": art.meta["allocations"]}
+    lines = [line.split() for line in render_calibration(summary).splitlines()[4:]]
+    assert [float(cols[0]) for cols in lines] == sorted(float(cols[0]) for cols in lines)
+    assert {(float(cols[0]), cols[1]) for cols in lines} == {(r, kind) for r in art.ratios for kind in ("k", "v")}

@@ -18,7 +18,6 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-
 # RoPE types whose cos/sin at a position do not depend on the other positions of the call.
 _STATIC_ROPE_TYPES = frozenset({"default", "linear", "llama3", "yarn"})
 _MAX_TABLE_POSITIONS = 1 << 20

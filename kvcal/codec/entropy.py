@@ -26,33 +26,7 @@ import numpy as np
 import torch
 
 from kvcal.errors import BitstreamError
-
-FAMILIES = ("gaussian", "laplace")
-MAX_SPAN = (1 << 15) - 1  # codes travel as int16 in the zstd stage
-# Every symbol in the span keeps at least this probability, so a code the calibration never saw still codes
-# (at ~23 bits) instead of failing; it also matches constriction's own leakiness.
-PMF_FLOOR = 1e-7
-_SQRT2 = math.sqrt(2.0)
-
-
-def symbol_pmf(family: torch.Tensor, scale: torch.Tensor, q: torch.Tensor, span: torch.Tensor) -> torch.Tensor:
-    """Probability of integer code ``q`` under each model, float64, broadcasting all arguments.
-
-    ``family`` 0 = Gaussian (``scale`` = std), 1 = Laplace (``scale`` = b), both in units of the step, zero mean,
-    integrated over ``[q - 1/2, q + 1/2]``, floored at ``PMF_FLOOR`` and renormalised over ``[-span, span]``.
-    """
-    a = q.to(torch.float64).abs()
-    s = scale.to(torch.float64).clamp_min(1e-12)
-    lo, hi = (a - 0.5).clamp_min(0.0), a + 0.5
-    gauss = 0.5 * (torch.erfc(lo / (s * _SQRT2)) - torch.erfc(hi / (s * _SQRT2)))
-    lap = 0.5 * (torch.exp(-lo / s) - torch.exp(-hi / s))
-    # The zero bin spans both sides of the origin: its mass is twice the one-sided integral above.
-    zero = a < 0.5
-    gauss = torch.where(zero, torch.erf(0.5 / (s * _SQRT2)), gauss)
-    lap = torch.where(zero, 1.0 - torch.exp(-0.5 / s), lap)
-    p = torch.where(family.to(torch.int64) == 1, lap, gauss).clamp_min(0.0)
-    n_symbols = 2 * span.to(torch.float64) + 1
-    return (p + PMF_FLOOR) / (1.0 + PMF_FLOOR * n_symbols)
+from kvcal.fit.symbols import FAMILIES, MAX_SPAN, PMF_FLOOR, symbol_pmf  # noqa: F401 (re-exported)
 
 
 @dataclass(frozen=True)
@@ -69,6 +43,13 @@ class SymbolModels:
     @cached_property
     def spans(self) -> np.ndarray:
         return self.span.to(torch.int64).numpy()
+
+    @cached_property
+    def min_token_bits(self) -> float:
+        """The fewest bits one token can cost: every coordinate at its likeliest code, 0."""
+        if not len(self):
+            return 0.0
+        return float(-torch.log2(symbol_pmf(self.family, self.scale, torch.zeros_like(self.span), self.span)).sum())
 
     @cached_property
     def tables(self) -> list:
@@ -91,7 +72,7 @@ class EntropyStage(Protocol):
 
     def decode(self, data: bytes, n: int, models: SymbolModels) -> np.ndarray: ...
 
-    def raw_size_bounds(self, n: int, k: int) -> tuple[int, int]: ...
+    def raw_size_bounds(self, n: int, k: int, min_token_bits: float = 0.0) -> tuple[int, int]: ...
 
 
 class AnsStage:
@@ -139,11 +120,14 @@ class AnsStage:
             raise BitstreamError("kvcal blob: an ANS section does not decode cleanly (corrupted payload)")
         return (out - models.spans[:, None]).T
 
-    def raw_size_bounds(self, n: int, k: int) -> tuple[int, int]:
+    def raw_size_bounds(self, n: int, k: int, min_token_bits: float = 0.0) -> tuple[int, int]:
         if n * k == 0:
             return 0, 0
         # A floored symbol costs at most -log2(PMF_FLOOR / 2) < 25 bits; the coder adds at most two words.
-        return 4, 4 * (math.ceil(n * k * 25 / 32) + 2)
+        # No token costs under ``min_token_bits`` (constriction's tables: over 99.9% of it, measured), so a stream
+        # holds at least half of n times that: a few bytes cannot claim millions of tokens to allocate and decode.
+        lo = max(4, 4 * (math.floor(n * min_token_bits / 64) - 2))
+        return lo, 4 * (math.ceil(n * k * 25 / 32) + 2)
 
 
 class ZstdStage:
@@ -163,7 +147,7 @@ class ZstdStage:
         # Hostile bytes may hold any int16; clip to the spans the encoder could have produced.
         return np.clip(codes, -models.spans[:, None], models.spans[:, None]).T
 
-    def raw_size_bounds(self, n: int, k: int) -> tuple[int, int]:
+    def raw_size_bounds(self, n: int, k: int, min_token_bits: float = 0.0) -> tuple[int, int]:
         return 2 * n * k, 2 * n * k
 
 

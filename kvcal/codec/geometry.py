@@ -96,6 +96,12 @@ def read_geometry(header: dict, layout: KVLayout, sink: int, window: int) -> Cac
     offsets = _ints(header, "offsets", b, 0, MAX_POSITION)
     if any(lens[i] != n or sliding[i] for i in layout.coded_layers):
         raise BitstreamError("kvcal blob header: every full-attention layer must hold seq_len tokens, unwindowed")
+    # A sliding-window layer (transformers' DynamicSlidingWindowLayer) keeps its last window - 1 tokens: more
+    # could not have come from one, and decompress would silently drop them.
+    for i, (held, w) in enumerate(zip(lens, sliding, strict=True)):
+        if w > 1 and held >= w:
+            raise BitstreamError(f"kvcal blob header: layer {i} holds {held} tokens, but its sliding window of {w} "
+                                 f"keeps at most {w - 1}")
     return CacheGeometry(b, n, dtype, tuple(lens), tuple(sliding), tuple(pads), tuple(offsets), sink, window)
 
 

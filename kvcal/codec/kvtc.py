@@ -14,8 +14,8 @@ not stored and come back as zeros (they are masked anyway).
 from __future__ import annotations
 
 import hashlib
-import math
 import json
+import math
 from dataclasses import dataclass
 
 import torch
@@ -209,7 +209,8 @@ class KVTCCodec:
         if n:
             for kind in KINDS:
                 for g in range(len(self.groups)):
-                    sizes[f"{kind}{g}"] = self.stage.raw_size_bounds(n, len(self.quantizers[(kind, g)]))
+                    models = self.quantizers[(kind, g)].models
+                    sizes[f"{kind}{g}"] = self.stage.raw_size_bounds(n, len(models), models.min_token_bits)
         return sizes
 
     def parse(self, blob: bytes) -> tuple[CacheGeometry, dict[str, bytes]]:

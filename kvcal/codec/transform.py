@@ -14,6 +14,7 @@ import torch
 
 from kvcal.adapters import KVLayout, ModelAdapter
 from kvcal.codec.geometry import CacheGeometry
+from kvcal.fit.metric import weighted_columns
 
 
 @dataclass(frozen=True)
@@ -38,14 +39,6 @@ class Projection:
         sl = self.layer_slices[layer]
         x = coords @ self.decoder[:, sl] + self.mean[sl]
         return x.reshape(coords.shape[0], heads, head_dim)
-
-
-def weighted_columns(blocks: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
-    """``Bd(blocks)^T @ columns`` for a block-diagonal ``Bd`` of ``[b, d, d]`` blocks, as float32 ``[p, r]``."""
-    b, d, _ = blocks.shape
-    r = columns.shape[1]
-    cols = columns.to(torch.float64).reshape(b, d, r)
-    return torch.einsum("aji,ajr->air", blocks.to(torch.float64), cols).reshape(b * d, r).float()
 
 
 def projection_for(artifact, kind: str, g: int, columns: torch.Tensor) -> Projection:

@@ -52,6 +52,14 @@ class BlockWeights:
         return out.reshape(b * d, b * d)
 
 
+def weighted_columns(blocks: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """``Bd(blocks)^T @ columns`` for a block-diagonal ``Bd`` of ``[b, d, d]`` blocks, as float32 ``[p, r]``."""
+    b, d, _ = blocks.shape
+    r = columns.shape[1]
+    cols = columns.to(torch.float64).reshape(b, d, r)
+    return torch.einsum("aji,ajr->air", blocks.to(torch.float64), cols).reshape(b * d, r).float()
+
+
 def symmetric_sqrt(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(m^(1/2), m^(-1/2))`` of symmetric PSD matrices ``[..., d, d]``, with eigenvalues floored (see ``_FLOOR``)."""
     m = (m + m.transpose(-1, -2)).to(torch.float64) / 2

@@ -13,8 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from kvcal.capture import StreamingMoments
-from kvcal.codec.transform import weighted_columns
-from kvcal.fit.metric import BlockWeights
+from kvcal.fit.metric import BlockWeights, weighted_columns
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kvcal.codec.entropy import MAX_SPAN, PMF_FLOOR, symbol_pmf
 from kvcal.errors import RatioError
+from kvcal.fit.symbols import MAX_SPAN, PMF_FLOOR, symbol_pmf
 
 BUDGETS = ("joint", "split")
 # Menu: step = sigma * 2^(-m / STEPS_PER_OCTAVE) for m in MENU.
