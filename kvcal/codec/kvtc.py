@@ -199,11 +199,12 @@ class KVTCCodec:
         esize = DTYPES[geo.dtype].itemsize
         per_token = L.num_kv_heads * (L.head_dim + L.v_head_dim) * esize
         exact = 0
+        coded_exact_tokens = sum(geo.exact_tokens(i) for i in range(geo.batch))  # once: batch may be ~10^5 items
         for layer in range(L.num_layers):
             if layer in L.exact_layers:
                 exact += geo.batch * geo.layer_lens[layer] * per_token
             else:
-                exact += sum(geo.exact_tokens(i) for i in range(geo.batch)) * per_token
+                exact += coded_exact_tokens * per_token
         sizes: dict[str, int | tuple[int, int]] = {"exact": exact}
         n = geo.middle_tokens
         if n:
