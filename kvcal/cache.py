@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 
+from kvcal.codec import kernels
 from kvcal.codec.kvtc import KINDS, CodedRows, KVTCCodec
 
 
@@ -41,6 +42,18 @@ class _CodedMiddle:
         if key not in self._coords:
             parts = [self.codec.decode_coords(kind, g, block[key], device) for block in self.blocks]
             self._coords[key] = torch.cat(parts)
+        return self._coords[key]
+
+    def codes(self, kind: str, g: int, device) -> torch.Tensor:
+        """Int32 codes ``[rows, k]`` of every block on ``device``, for the fused decode kernel (which dequantizes)."""
+        if self._coords_version != self.version:
+            self._coords, self._coords_version = {}, self.version
+        key = (kind, g, "codes")
+        if key not in self._coords:
+            models = self.codec.quantizers[(kind, g)].models
+            parts = [torch.from_numpy(self.codec.stage.decode(block[(kind, g)].payload, block[(kind, g)].n, models))
+                     for block in self.blocks]
+            self._coords[key] = torch.cat(parts).to(device, torch.int32).contiguous()
         return self._coords[key]
 
     def drop_decoded(self) -> None:
@@ -94,10 +107,14 @@ class KVTCCache(Cache):
 
     ``block`` tokens are coded at a time once they leave the recent ``window``; sinks and the window stay exact.
     Sliding-window layers (Gemma) are left to transformers' own bounded layers. Batch rows share positions
-    (no left padding).
+    (no left padding). Everything stays on the cache's device except the coded bytes, which the entropy stage
+    (on the host) produces and reads; ``device`` only places the codec's tensors there up front.
     """
 
-    def __init__(self, codec: KVTCCodec, block: int = 64, window: int | None = None, sink: int | None = None, config=None):
+    def __init__(self, codec: KVTCCodec, block: int = 64, window: int | None = None, sink: int | None = None, config=None,
+                 device=None):
+        if device is not None:  # place the codec's projections and steps there now, not at the first coded block
+            codec.to(device)
         self.codec = codec
         self.block = block
         self.sink = codec.sink if sink is None else sink
@@ -150,6 +167,10 @@ class KVTCCache(Cache):
         batch = self.layers[layer].keys.shape[0]
         n = self.middle.tokens
         for kind in KINDS:
+            rot = codec.kernel_rotary_dim(kind, g, torch.device(device))
+            if rot is not None:  # fused dequantize + project back + re-rotate + cast (kvcal.codec.kernels)
+                out.append(kernels.decode_cache_layer(self, layer, kind, g, rot, dtype, device, batch))
+                continue
             coords = self.middle.coords(kind, g, device)
             x = codec.reconstruct_layer(kind, g, coords, layer)  # [batch*n, h, d], block-major
             x = self._block_major_to_batch(x, batch)  # [b, h, n, d]

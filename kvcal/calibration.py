@@ -71,6 +71,11 @@ def allocation_summary(basis, alloc: StepAllocation) -> dict:
     }
 
 
+def overhead_parameters(tensors: dict[str, torch.Tensor]) -> int:
+    """The artifact's parameters that scale with the model (means, bases, metric weights): its overhead."""
+    return sum(t.numel() for k, t in tensors.items() if k.endswith((".mean", ".basis", ".weight", ".weight_inverse")))
+
+
 def pca_groups(coded_layers: tuple[int, ...], grouping: str) -> tuple[tuple[int, ...], ...]:
     if grouping == "per-layer":
         return tuple((layer,) for layer in coded_layers)
@@ -131,12 +136,15 @@ def calibrate(
     tensors: dict[str, torch.Tensor] = {}
     bases, measured = {}, {}
     for g, layers in tqdm(list(enumerate(groups)), desc="fit", unit="group", disable=not progress):
-        _, value_cov = captured.moments[("v", g)].mean_and_covariance()
+        value_cov = captured.moments[("v", g)].head_covariances(layout.v_head_dim)  # only its per-head blocks are used
         weights = fit_metric(metric, adapter, layout, layers, value_cov, captured.queries)
         for kind in KINDS:
             basis = fit_pca_basis(captured.moments[(kind, g)], recipe.rank_cap, weights[kind])
             bases[(kind, g)] = basis
-            measured[(kind, g)] = measure_rate_distortion(basis.project(captured.heldout[(kind, g)].rows))
+            # Measured where the moments live (the GPU when there is one), allocated on the host.
+            heldout = captured.heldout[(kind, g)].rows.to(captured.moments[(kind, g)].sum.device)
+            measured[(kind, g)] = measure_rate_distortion(basis.project(heldout)).to("cpu")
+            captured.moments[(kind, g)] = None  # fitted: free its [p, p] sums (13 GB per kind at 12B shapes)
 
     allocations: dict[str, dict] = {}
     chosen: dict[tuple[str, int], dict[str, StepAllocation]] = {key: {} for key in bases}
@@ -175,7 +183,7 @@ def calibrate(
     tensors["attention.entropy"] = entropy.float()
 
     model_params = sum(p.numel() for p in model.parameters())
-    stored = sum(t.numel() for k, t in tensors.items() if k.endswith((".mean", ".basis", ".weight", ".weight_inverse")))
+    stored = overhead_parameters(tensors)
     meta = {
         "format": ARTIFACT_FORMAT,
         "format_version": ARTIFACT_VERSION,

@@ -40,16 +40,36 @@ class StreamingMoments:
         self.sum = torch.zeros(dim, dtype=torch.float64, device=device)
         self.outer = torch.zeros(dim, dim, dtype=torch.float64, device=device)
 
+    # Rows per float64 pass when a batch is large (8B/12B shapes: 32k tokens x 40k dims would be a 10 GB copy).
+    # Smaller batches go in one pass, as they always have (the same sums, to the bit).
+    CHUNK_ELEMENTS = 1 << 27
+
     def add(self, x: torch.Tensor) -> None:
-        x = x.to(torch.float64)
-        self.count += x.shape[0]
-        self.sum += x.sum(0)
-        self.outer.addmm_(x.T, x)
+        rows = max(1, self.CHUNK_ELEMENTS // max(x.shape[1], 1))
+        for start in range(0, x.shape[0], rows) if x.numel() > self.CHUNK_ELEMENTS else (0,):
+            part = x[start : start + rows] if x.numel() > self.CHUNK_ELEMENTS else x
+            part = part.to(torch.float64)
+            self.count += part.shape[0]
+            self.sum += part.sum(0)
+            self.outer.addmm_(part.T, part)
+
+    def head_covariances(self, d: int) -> torch.Tensor:
+        """The ``[p / d, d, d]`` diagonal blocks of the covariance, without forming the ``[p, p]`` whole: the same
+        values as ``mean_and_covariance``'s, element for element (at 12B shapes the whole is a 13 GB float64 copy)."""
+        blocks = self.sum.shape[0] // d
+        mean = (self.sum / self.count).reshape(blocks, d)
+        idx = torch.arange(blocks, device=self.outer.device)
+        cov = self.outer.reshape(blocks, d, blocks, d)[idx, :, idx, :] / self.count - mean[:, :, None] * mean[:, None, :]
+        return (cov + cov.transpose(1, 2)) / 2
 
     def mean_and_covariance(self) -> tuple[torch.Tensor, torch.Tensor]:
+        # In place where that changes no value: at 12B shapes each [p, p] temporary is 13 GB of GPU memory.
         mean = self.sum / self.count
-        cov = self.outer / self.count - torch.outer(mean, mean)
-        return mean, (cov + cov.T) / 2
+        cov = self.outer / self.count
+        cov -= torch.outer(mean, mean)
+        sym = cov + cov.T
+        del cov
+        return mean, sym.div_(2)
 
 
 class TokenReservoir:

@@ -11,13 +11,15 @@ from kvcal.errors import ArtifactError
 
 
 def load(path: str | Path, ratio: float | None = None, model=None, sink: int | None = None, window: int | None = None,
-         entropy: str = "ans", zstd_level: int = 3) -> KVTCCodec:
+         entropy: str = "ans", zstd_level: int = 3, kernels: str = "auto", device=None) -> KVTCCodec:
     """A codec for ``path`` (a model directory holding ``kvcal/`` or an artifact directory/file).
 
     With ``model``, the artifact's fingerprint is checked against it (a mismatch names the fields that differ)
     and RoPE comes from the model itself; without it, RoPE is rebuilt from the model's config.
     ``ratio`` defaults to the smallest ratio in the artifact (the highest quality). ``entropy`` picks the entropy
-    stage: ``"ans"`` (calibrated symbol models, the default) or ``"zstd"`` (for comparison).
+    stage: ``"ans"`` (calibrated symbol models, the default) or ``"zstd"`` (for comparison). ``kernels``: ``"auto"``
+    (the fused Triton kernels for CUDA caches when ``kvcal[triton]`` is installed), ``"triton"`` or ``"torch"``.
+    ``device`` places the codec's projections and steps there up front (otherwise on first use).
     """
     artifact = Artifact.load(path)
     if model is not None:
@@ -25,7 +27,8 @@ def load(path: str | Path, ratio: float | None = None, model=None, sink: int | N
         artifact.check_model(model, adapter.layout())
     else:
         adapter = adapter_for_config(_config_for(Path(path), artifact))
-    return KVTCCodec(artifact, min(artifact.ratios) if ratio is None else ratio, adapter, sink, window, entropy, zstd_level)
+    return KVTCCodec(artifact, min(artifact.ratios) if ratio is None else ratio, adapter, sink, window, entropy, zstd_level,
+                     kernels=kernels, device=device)
 
 
 def _config_for(path: Path, artifact: Artifact):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -191,6 +192,13 @@ def report(args) -> None:
             row = v1[m] if label == "v1" else next(r for r in per_model[m]["rows"] if r["label"] == label)
             cells.append(f"{fmt(row['iso_quality_ratio'])} ({fmt(row['first_failing_ratio'])})")
         md.append(f"| {label} | " + " | ".join(cells) + " |")
+    reused = next((r for r in first["rows"] if r.get("reused_from")), None)
+    if reused is not None:
+        grid = ", ".join(f"{c['target']:g}" for c in reused["curve"])
+        md += ["", f"The last row is kvtc's headline in {reused['reused_from']} (the same harness, windows and trials), "
+               f"measured at target ratios {grid}; the v1 row comes from {os.path.relpath(args.v1, ROOT)}. A finer grid can move the first "
+               "failing ratio one step lower than in a row measured on the coarser grid, so compare rows by their CR at "
+               "iso-quality."]
     md += ["", "Bytes per section of one 767-token cache (4 sink + 635 middle + 128 window tokens), at targets 16x and 64x:", "",
            "| row | model | target | codes | side information | header | exact tokens | middle ratio |", "|---|---|---|---|---|---|---|---|"]
     for label, _, _ in ROWS:

@@ -13,7 +13,9 @@ needle trials (``kvcal.eval.harness``). Writes ``results/rate_quality.json`` (ev
 
 Every Δ carries a 95% paired-bootstrap interval (over windows for perplexity, over trials for the needle probe).
 ``--merge PATH`` keeps the rows of an earlier results JSON (same settings, same controls, else it refuses) and
-(re)runs only ``--methods``. ``--v1 PATH`` (default ``results/rate_quality_v1.json`` if present) draws codec v1's
+(re)runs only ``--methods``; with ``--extend`` it also keeps those methods' earlier rows at target ratios this run
+does not measure (to add ratios to a curve measured with the same code, e.g. ``--methods kvtc --kvtc-ratios 144
+--merge results/rate_quality.json --extend``). ``--v1 PATH`` (default ``results/rate_quality_v1.json`` if present) draws codec v1's
 KVTC from a saved run as an extra curve, ``kvtc-v1``.
 
 A model whose artifact lacks one of ``--ratios`` is (re)calibrated first with those ratios (that time is
@@ -79,13 +81,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--progress", action="store_true", help="show progress bars")
     p.add_argument("--merge", type=Path, default=None,
                    help="results JSON of an earlier run with the same settings: keep its rows, (re)run only --methods")
+    p.add_argument("--extend", action="store_true",
+                   help="with --merge: also keep the rerun methods' earlier rows at target ratios not measured now")
     p.add_argument("--v1", type=Path, default=ROOT / "results" / "rate_quality_v1.json",
                    help="results JSON whose kvtc rows are drawn as 'kvtc-v1' (skipped if absent)")
     return p.parse_args(argv)
 
 
 def artifact_with_ratios(model_dir: Path, ratios: list[float], model, tokenizer, progress: bool) -> tuple[Artifact | None, float]:
-    """The model's artifact, calibrated first (with the model's recipe and ``ratios``) if it lacks any of them."""
+    """The model's artifact, calibrated first (with the model's recipe, its present ratios and ``ratios``) if it
+    lacks any of them: a present artifact's ratios are kept, never narrowed to this run's."""
     path = model_dir / "kvcal" / ARTIFACT_FILE
     if not ratios and not path.is_file():
         return None, 0.0
@@ -94,6 +99,7 @@ def artifact_with_ratios(model_dir: Path, ratios: list[float], model, tokenizer,
         have = {ratio_key(r) for r in artifact.ratios}
         if all(ratio_key(r) in have for r in ratios):
             return artifact, 0.0
+        ratios = sorted({*artifact.ratios, *ratios})
     import kvcal
 
     t0 = time.perf_counter()
@@ -132,9 +138,10 @@ def load_merge(path: Path, settings: EvalSettings, models: list[str]) -> dict[st
     return reports
 
 
-def merge_report(old: EvalReport, new: EvalReport, rerun: list[str]) -> EvalReport:
-    """``new`` with the rows of ``old`` for every method not in ``rerun``; refuses when the settings or the
-    controls (full cache and middle-evicted perplexity and needle accuracy, per window and per trial) differ."""
+def merge_report(old: EvalReport, new: EvalReport, rerun: list[str], extend: bool = False) -> EvalReport:
+    """``new`` with the rows of ``old`` for every method not in ``rerun`` (and, with ``extend``, the rows of rerun
+    methods at target ratios ``new`` lacks); refuses when the settings or the controls (full cache and
+    middle-evicted perplexity and needle accuracy, per window and per trial) differ."""
     name = Path(new.model).name
     if old.settings != new.settings:
         raise DataError(f"{name}: the merged run used other settings; refusing to merge")
@@ -154,7 +161,9 @@ def merge_report(old: EvalReport, new: EvalReport, rerun: list[str]) -> EvalRepo
                         f"{old.ppl_uncompressed} there, {new.ppl_uncompressed} here; needle {old.retrieval_full} there, "
                         f"{new.retrieval_full} here): not the same model, data or code path; refusing to merge")
     order = {m: i for i, m in enumerate(method_names())}
-    kept = [r for r in old.rows if r.method not in rerun and r.method != "uncompressed"]
+    measured = {(r.method, r.target_ratio) for r in new.rows}
+    kept = [r for r in old.rows if r.method != "uncompressed"
+            and (r.method not in rerun or (extend and (r.method, r.target_ratio) not in measured))]
     rows = sorted([*new.rows, *kept], key=lambda r: (order.get(r.method, len(order)), r.target_ratio or 0))
     return EvalReport(new.model, new.artifact, new.settings, new.ppl_uncompressed, new.ppl_evicted, new.retrieval_full,
                       new.retrieval_evicted, rows).with_intervals()
@@ -264,9 +273,12 @@ def main() -> None:
     calib_seconds = {r.model: c for r, (_, _, c) in zip(reports, done)}
     merged_from = {}
     if old:
-        reports = [merge_report(old[Path(r.model).name], r, args.methods) for r in reports]
-        merged_from = {Path(r.model).name: f"{', '.join(args.methods)} in this run, every other row from {args.merge}"
-                       for r in reports}
+        reports = [merge_report(old[Path(r.model).name], r, args.methods, args.extend) for r in reports]
+        now = f"{', '.join(args.methods)} in this run"
+        if args.extend:
+            now += (f" at target ratios {', '.join(ratio_key(x) for x in args.artifact_ratios)}"
+                    if args.artifact_ratios else " at this run's ratios")
+        merged_from = {Path(r.model).name: f"{now}, every other row from {args.merge}" for r in reports}
 
     doc = {
         "command": " ".join(sys.argv),

@@ -183,21 +183,11 @@ def package_versions() -> dict[str, str]:
 # --- the kvpress environment -------------------------------------------------------------------------------
 def ensure_venv(venv: Path) -> Path:
     """The environment's python, after creating it and installing kvpress there if it is not yet."""
-    py = venv / "bin" / "python"
-    probe = [str(py), "-c", f"import kvpress, optimum.quanto; from importlib.metadata import version; "
-                            f"assert version('kvpress') == '{KVPRESS_VERSION}'"]
-    if py.exists() and subprocess.run(probe, capture_output=True).returncode == 0:
-        return py
-    import torch
+    from kvcal.eval.peer_env import ensure_peer_venv
 
-    print(f"creating {venv} with kvpress {KVPRESS_VERSION} (once; a few minutes)", flush=True)
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    pip = [str(py), "-m", "pip", "install", "-q"]
-    # The same torch as kvcal's environment first: a bare requirement would pull a multi-GB CUDA build here.
-    subprocess.run([*pip, f"torch=={torch.__version__.split('+')[0]}"], check=True)
-    subprocess.run([*pip, f"kvpress=={KVPRESS_VERSION}", f"optimum-quanto=={QUANTO_VERSION}"], check=True)
-    subprocess.run(probe, check=True)
-    return py
+    return ensure_peer_venv(venv, "import kvpress, optimum.quanto; from importlib.metadata import version; "
+                            f"assert version('kvpress') == '{KVPRESS_VERSION}'",
+                            [f"kvpress=={KVPRESS_VERSION}", f"optimum-quanto=={QUANTO_VERSION}"], f"kvpress {KVPRESS_VERSION}")
 
 
 # --- kvcal's side ------------------------------------------------------------------------------------------

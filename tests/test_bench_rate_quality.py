@@ -47,6 +47,16 @@ def test_merge_keeps_earlier_rows_and_reruns_the_requested_methods(bench):
     assert all(r.ppl_delta_ci is not None for r in merged.rows)
 
 
+def test_merge_extend_keeps_the_rerun_methods_other_ratios(bench):
+    old = report("/old/artifacts/ref-a", [row("uncompressed", None), row("kvtc", 8.0, 0.5), row("kvtc", 16.0, 0.6)])
+    new = report("/new/artifacts/ref-a", [row("uncompressed", None), row("kvtc", 8.0, 0.1), row("kvtc", 32.0, 0.2)])
+    assert [r.target_ratio for r in bench.merge_report(old, new, ["kvtc"]).rows] == [None, 8.0, 32.0]
+    merged = bench.merge_report(old, new, ["kvtc"], extend=True)
+    assert [r.target_ratio for r in merged.rows] == [None, 8.0, 16.0, 32.0]
+    assert merged.rows[1].window_nll == new.rows[1].window_nll  # measured now: this run's row wins
+    assert merged.rows[2].window_nll == old.rows[2].window_nll
+
+
 def test_merge_refuses_other_settings_or_controls(bench, tmp_path):
     old = report("/old/artifacts/ref-a", [row("uncompressed", None), row("snapkv", 8.0, 1.0)])
     path = tmp_path / "old.json"

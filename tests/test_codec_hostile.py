@@ -297,3 +297,24 @@ def test_sliding_layer_cannot_claim_more_tokens_than_its_window_keeps(calibrated
         refused(codec, forge(blob, sliding=sliding), f"holds 40 tokens, but its sliding window of {window} keeps at most {window - 1}")
     sliding = [41 if i in exact_layers else 0 for i in range(len(header["sliding"]))]
     assert fuzz.check_decode(codec, forge(blob, sliding=sliding))[0] == "decoded"
+
+
+def test_a_cache_too_large_to_allocate_is_a_one_line_refusal(setup, monkeypatch):
+    """A zstd section of zeros can declare a million tokens in kilobytes; the header's limits allow it, so the
+    decoder may meet an allocator that says no. That is a BitstreamError naming the size, not a RuntimeError."""
+    import kvcal.codec.kvtc as kvtc_module
+
+    codec = setup["codecs"]["zstd"]
+    blob = blob_of(setup, "n120b1", "zstd")
+    real_empty = torch.empty
+
+    def refusing_empty(*shape, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 3221225472 bytes.")
+
+    monkeypatch.setattr(kvtc_module.torch, "empty", refusing_empty)
+    try:
+        message = refused(codec, blob, r"declares a 0\.\d\d GiB cache, which cannot be allocated on cpu")
+    finally:
+        monkeypatch.setattr(kvtc_module.torch, "empty", real_empty)
+    assert "DefaultCPUAllocator" in message
+    assert_same(kv_of(codec.decompress(blob)), kv_of(codec.decompress(blob)))  # and the normal path is untouched

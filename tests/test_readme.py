@@ -38,11 +38,16 @@ def test_ci_runs_exactly_readmes_two_commands():
                          env={**os.environ, "KVCAL_CI_DRY_RUN": "1"})
     assert res.returncode == 0, res.stderr
     assert res.stdout.splitlines() == [f"main: {main_cmd}", f"test: {test_cmd}"]
-    # Nothing else is installed by CI (bar the CPU torch wheel), so README's main command must bring pytest.
+    # Nothing else is installed in README's venv (bar the CPU torch wheel), so README's main command must bring
+    # pytest. The optional-extra stage comes after the test command, in a venv of its own.
     script = (ROOT / ".ci" / "run").read_text()
-    installs = [line.strip() for line in script.splitlines() if "pip install" in line and not line.strip().startswith("#")]
-    assert installs and all("torch==" in line or "--upgrade pip" in line for line in installs), installs
+    installs = [line.strip() for line in script.splitlines() if "pip install" in line and not line.strip().startswith(("#", "echo"))]
+    readme_venv = [line for line in installs if "$EXTRA_VENV" not in line]
+    assert readme_venv and all("torch==" in line or "--upgrade pip" in line for line in readme_venv), readme_venv
     assert script.index('bash -euo pipefail -c "$MAIN_CMD"') < script.index('bash -c "$TEST_CMD"')
+    extra = [line for line in installs if "$EXTRA_VENV" in line]
+    assert all(script.index(line) > script.index('bash -c "$TEST_CMD"') for line in extra)
+    assert any(".[lmcache,dev]" in line for line in extra), extra
 
 
 def test_main_command_installs_what_the_test_command_needs():

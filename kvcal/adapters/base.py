@@ -76,6 +76,7 @@ class ModelAdapter:
         types = rope_type.values() if isinstance(rope_type, dict) else [rope_type]
         self._rope_cacheable = all(isinstance(t, str) and t in _STATIC_ROPE_TYPES for t in types)
         self._rope_tables: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._rope_memo: tuple | None = None
 
     # --- layout -----------------------------------------------------------------------------------------
     def head_dim(self) -> int:
@@ -115,44 +116,85 @@ class ModelAdapter:
         For RoPE types whose tables do not depend on the sequence length, a table over positions ``0..N`` is built
         once (per layer type and device) and gathered from: each entry is the same float32 ``cos(pos * freq)`` the
         module computes, so the result is bit-identical, without a rotary call per codec or capture step.
+        Those tables are always computed on the host (a CPU copy of the rotary module when the model is elsewhere)
+        and then copied to the positions' device, so CUDA and CPU code with the very same factors (the same blobs),
+        and a codec built from a config alone does not go back to the host on every call.
         """
         device = next(self.rotary.buffers()).device
-        positions = positions.to(device)
         if not self._rope_cacheable or positions.numel() == 0:
-            return self._rotary_cos_sin(layer_idx, positions)
+            return self._rotary_cos_sin(layer_idx, positions.to(device))
         need = int(positions.max()) + 1
         if int(positions.min()) < 0 or need > _MAX_TABLE_POSITIONS:
-            return self._rotary_cos_sin(layer_idx, positions)
-        key = (self.layer_type(layer_idx) if self._rotary_takes_layer_type else "", str(device))
+            return self._rotary_cos_sin(layer_idx, positions.to(device))
+        key = (self.layer_type(layer_idx) if self._rotary_takes_layer_type else "", str(positions.device))
         table = self._rope_tables.get(key)
         if table is None or table[0].shape[0] < need:
             size = min(_MAX_TABLE_POSITIONS, max(need, 2 * (table[0].shape[0] if table is not None else 2048)))
-            cos, sin = self._rotary_cos_sin(layer_idx, torch.arange(size, device=device)[None])
-            table = self._rope_tables[key] = (cos[0], sin[0])
+            cos, sin = self._host_cos_sin(layer_idx, torch.arange(size)[None])
+            table = self._rope_tables[key] = (cos[0].to(positions.device), sin[0].to(positions.device))
         return table[0][positions], table[1][positions]
 
-    def _rotary_cos_sin(self, layer_idx: int, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        device = positions.device
-        probe = torch.zeros(1, dtype=torch.float32, device=device)
+    def _host_cos_sin(self, layer_idx: int, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if next(self.rotary.buffers()).device.type == "cpu":
+            return self._rotary_cos_sin(layer_idx, positions)
+        if getattr(self, "_host_rotary", None) is None:
+            import copy
+
+            self._host_rotary = copy.deepcopy(self.rotary).to("cpu")
+        return self._rotary_cos_sin(layer_idx, positions, self._host_rotary)
+
+    def _rotary_cos_sin(self, layer_idx: int, positions: torch.Tensor, rotary=None) -> tuple[torch.Tensor, torch.Tensor]:
+        rotary = self.rotary if rotary is None else rotary
+        probe = torch.zeros(1, dtype=torch.float32, device=positions.device)
         if self._rotary_takes_layer_type:
-            cos, sin = self.rotary(probe, positions, self.layer_type(layer_idx))
+            cos, sin = rotary(probe, positions, self.layer_type(layer_idx))
         else:
-            cos, sin = self.rotary(probe, positions)
+            cos, sin = rotary(probe, positions)
         return cos.float(), sin.float()
 
-    def _apply(self, keys: torch.Tensor, layer_idx: int, positions: torch.Tensor, inverse: bool) -> torch.Tensor:
+    def _rope_factors(self, layer_idx: int, positions: torch.Tensor, device) -> tuple[torch.Tensor, ...]:
+        """``cos``, ``sin`` ``[b, 1, n, rot]`` on ``device`` and the inverse's ``cos^2 + sin^2``. The codec passes one
+        positions tensor for every layer of a group, so the last result is kept and reused while the same tensor
+        (by identity: it is held here, so its id cannot be recycled) and the same layer type come back."""
+        key = (self.layer_type(layer_idx) if self._rotary_takes_layer_type else "", str(device))
+        memo = self._rope_memo
+        if memo is not None and memo[0] is positions and memo[1] == key:
+            return memo[2]
         cos, sin = self.cos_sin(layer_idx, positions)
-        cos, sin = cos.to(keys.device).unsqueeze(1), sin.to(keys.device).unsqueeze(1)  # [b, 1, n, rot]
+        cos, sin = cos.to(device).unsqueeze(1), sin.to(device).unsqueeze(1)
+        factors = (cos, sin, cos * cos + sin * sin)
+        self._rope_memo = (positions, key, factors)
+        return factors
+
+    def _apply(self, keys: torch.Tensor, layer_idx: int, positions: torch.Tensor, inverse: bool) -> torch.Tensor:
+        # Written half by half into one output, without rotate_half's concatenations; every element is the same
+        # float32 expression as ``head * cos -/+ rotate_half(head) * sin`` (negations are exact), so the codes and
+        # blobs are bit-identical to the textbook form.
+        cos, sin, norm = self._rope_factors(layer_idx, positions, keys.device)
         rot = cos.shape[-1]
+        half = rot // 2
         x = keys.float()
-        head, tail = x[..., :rot], x[..., rot:]
+        out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+        if rot < x.shape[-1]:
+            out[..., rot:] = x[..., rot:]
+        head = x[..., :rot]
+        if not inverse and self.interleaved:
+            head = deinterleave(head)
+        x1, x2 = head[..., :half], head[..., half:]
+        c1, c2, s1, s2 = cos[..., :half], cos[..., half:], sin[..., :half], sin[..., half:]
         if inverse:
-            head = (head * cos - rotate_half(head) * sin) / (cos * cos + sin * sin)
-            head = interleave(head) if self.interleaved else head
+            target = out[..., :rot] if not self.interleaved else torch.empty_like(head)
+            o1, o2 = target[..., :half], target[..., half:]
+            torch.mul(x1, c1, out=o1).add_(x2 * s1)  # (h*cos - rotate_half(h)*sin), first half
+            torch.mul(x2, c2, out=o2).sub_(x1 * s2)  # second half
+            target.div_(norm)
+            if self.interleaved:
+                out[..., :rot] = interleave(target)
         else:
-            head = deinterleave(head) if self.interleaved else head
-            head = head * cos + rotate_half(head) * sin
-        return torch.cat((head, tail), dim=-1)
+            o1, o2 = out[..., :half], out[..., half:rot]
+            torch.mul(x1, c1, out=o1).sub_(x2 * s1)  # h*cos + rotate_half(h)*sin, first half
+            torch.mul(x2, c2, out=o2).add_(x1 * s2)
+        return out
 
     def unrotate_keys(self, keys: torch.Tensor, layer_idx: int, positions: torch.Tensor) -> torch.Tensor:
         """Cached (rotated) keys ``[b, h, n, d]`` at ``positions`` ``[b, n]`` -> pre-RoPE keys, float32."""

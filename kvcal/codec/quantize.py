@@ -9,7 +9,7 @@ from the artifact (``kvcal.fit.steps``); a pruned coordinate (step 0) is not cod
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -22,7 +22,8 @@ class CoordinateQuantizer:
 
     kept: torch.Tensor  # [k] int64 indices into the basis columns, increasing
     step: torch.Tensor  # [k] float32
-    models: SymbolModels
+    models: SymbolModels  # stays on the host: the entropy stage reads it
+    bound: torch.Tensor | None = None  # [k] float32 span, beside ``step`` (set by ``to``)
 
     @classmethod
     def from_table(cls, table: torch.Tensor) -> CoordinateQuantizer:
@@ -34,13 +35,20 @@ class CoordinateQuantizer:
     def __len__(self) -> int:
         return int(self.kept.numel())
 
+    def to(self, device) -> CoordinateQuantizer:
+        """This quantizer with its step and span (as float32) on ``device``, so quantizing there copies nothing."""
+        device = torch.device(device)
+        if self.bound is not None and self.step.device == device:
+            return self
+        return replace(self, step=self.step.to(device), bound=self.models.span.to(device, torch.float32))
+
     def quantize(self, coords: torch.Tensor) -> torch.Tensor:
         """Kept coordinates ``[n, k]`` -> int32 codes ``[n, k]`` (on the CPU: they leave for the entropy coder)."""
         step = self.step.to(coords.device)
-        span = self.models.span.to(coords.device, torch.float32)
+        span = (self.models.span if self.bound is None else self.bound).to(coords.device, torch.float32)
         # NaN/inf in a cache would make rounding undefined; they are clipped like any out-of-span value.
-        q = torch.nan_to_num(coords.float() / step, nan=0.0).round()
-        return torch.maximum(torch.minimum(q, span), -span).to(torch.int32).cpu()
+        q = torch.div(coords.float(), step).nan_to_num_(nan=0.0).round_()
+        return torch.clamp(q, min=-span, max=span).to(torch.int32).cpu()
 
     def dequantize(self, codes: torch.Tensor, device) -> torch.Tensor:
         """Codes ``[n, k]`` -> float32 coordinates ``[n, k]`` at the bin centres."""

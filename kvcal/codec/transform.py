@@ -62,33 +62,41 @@ def layer_slices(layout: KVLayout, kind: str, layers: tuple[int, ...]) -> dict[i
 
 def middle_rows(kv, geo: CacheGeometry, adapter: ModelAdapter, kind: str, layers: tuple[int, ...]) -> torch.Tensor:
     """Middle tokens of every batch item as rows ``[N, p]``, position-free, float32, item-major."""
-    rows = []
+    first = kv[layers[0]][0 if kind == "k" else 1]
+    heads, d = first.shape[1], first.shape[3]
+    rows = torch.empty(geo.middle_tokens, len(layers) * heads * d, dtype=torch.float32, device=first.device)
+    row = 0
     for item in range(geo.batch):
         lo, hi = geo.middle(item)
         if hi <= lo:
             continue
-        parts = []
-        for layer in layers:
+        positions = geo.positions(item, lo, hi, first.device)  # one tensor: the adapter reuses its RoPE factors
+        for i, layer in enumerate(layers):
             t = kv[layer][0 if kind == "k" else 1][item : item + 1, :, lo:hi]
-            t = adapter.position_free(kind, t, layer, geo.positions(item, lo, hi, t.device))
-            parts.append(t[0].permute(1, 0, 2).reshape(hi - lo, -1))
-        rows.append(torch.cat(parts, dim=1))
-    return torch.cat(rows)
+            t = adapter.position_free(kind, t, layer, positions)
+            # Straight into the row block (tokens, heads x dims): one copy instead of a reshape and a concatenation.
+            rows[row : row + hi - lo, i * heads * d : (i + 1) * heads * d].view(hi - lo, heads, d).copy_(t[0].permute(1, 0, 2))
+        row += hi - lo
+    return rows
 
 
 def scatter_middle(kv, geo: CacheGeometry, adapter: ModelAdapter, kind: str, layers: tuple[int, ...],
                    projection: Projection, coords: torch.Tensor, layout: KVLayout) -> None:
     """Decode ``coords`` (rows as ``middle_rows`` made them) into the middle of ``kv``'s tensors, in place."""
     heads, d = layout.num_kv_heads, head_dim(layout, kind)
+    # Every layer of the group in one matmul: a column slice of the decoder per layer is a strided operand and
+    # as many small calls (measured: about 2x the time of the one product).
+    decoded = coords @ projection.decoder + projection.mean
     row = 0
     for item in range(geo.batch):
         lo, hi = geo.middle(item)
         if hi <= lo:
             continue
-        part = coords[row : row + hi - lo]
+        positions = geo.positions(item, lo, hi, coords.device)
         for layer in layers:
-            t = projection.reconstruct_layer(part, layer, heads, d).permute(1, 0, 2)[None]
-            t = adapter.at_positions(kind, t, layer, geo.positions(item, lo, hi, coords.device))
+            sl = projection.layer_slices[layer]
+            t = decoded[row : row + hi - lo, sl].reshape(hi - lo, heads, d).permute(1, 0, 2)[None]
+            t = adapter.at_positions(kind, t, layer, positions)
             target = kv[layer][0 if kind == "k" else 1]
             target[item, :, lo:hi] = t[0].to(target.dtype)
         row += hi - lo

@@ -83,10 +83,13 @@ def output_gram(adapter: ModelAdapter, layer: int, layout: KVLayout) -> torch.Te
 
 
 def head_covariances(cov: torch.Tensor, blocks: int, d: int) -> torch.Tensor:
-    """Diagonal ``[blocks, d, d]`` blocks of a group covariance ``[blocks * d, blocks * d]``."""
+    """Diagonal ``[blocks, d, d]`` blocks of a group covariance ``[blocks * d, blocks * d]`` (on the host); given
+    the blocks already (``StreamingMoments.head_covariances``), returns them."""
+    if cov.dim() == 3:
+        return cov.to("cpu", torch.float64)
     c = cov.to(torch.float64).reshape(blocks, d, blocks, d)
-    idx = torch.arange(blocks)
-    return c[idx, :, idx, :]
+    idx = torch.arange(blocks, device=c.device)
+    return c[idx, :, idx, :].cpu()
 
 
 def fit_metric(

@@ -41,7 +41,10 @@ class PcaBasis:
         return weighted_columns(self.weights.inverse, self.basis[:, : self.rank if rank is None else rank]).T
 
     def project(self, x: torch.Tensor, rank: int | None = None) -> torch.Tensor:
-        return (x.float() - self.mean.to(x.device)) @ self.encoder(rank).to(x.device)
+        # The encoder is formed on x's device: at 8B/12B shapes it is a [p, r] product of p ~ 40k, slow on a host.
+        basis = self.basis[:, : self.rank if rank is None else rank].to(x.device)
+        encoder = weighted_columns(self.weights.weight.to(x.device), basis)
+        return (x.float() - self.mean.to(x.device)) @ encoder
 
     def reconstruct(self, coords: torch.Tensor) -> torch.Tensor:
         return coords @ self.decoder(coords.shape[-1]).to(coords.device) + self.mean.to(coords.device)
@@ -62,18 +65,21 @@ def fit_pca_basis(moments: StreamingMoments, rank_cap: int | None = None, weight
         d = head_dim or cov.shape[0]
         weights = BlockWeights.identity(cov.shape[0] // d, d)
     cov = weights.apply_to_covariance(cov)
-    cov = (cov + cov.T) / 2
+    cov = cov + cov.T
+    cov.div_(2)
+    total_variance = float(cov.diagonal().sum())
     evals, evecs = torch.linalg.eigh(cov)
+    del cov  # [p, p] temporaries are 13 GB each at 12B shapes: only the kept columns are reordered and signed
     order = torch.argsort(evals, descending=True)
-    evals, evecs = evals[order].clamp_min(0), evecs[:, order]
+    r = evals.numel() if rank_cap is None else min(rank_cap, evals.numel())
+    evals, evecs = evals[order].clamp_min(0), evecs[:, order[:r]]
     # eigh's eigenvector signs are arbitrary; fix them (largest entry positive) so refits give identical bytes.
     signs = torch.sign(evecs.gather(0, evecs.abs().argmax(0, keepdim=True)))
     evecs = evecs * torch.where(signs == 0, torch.ones_like(signs), signs)
-    r = evals.numel() if rank_cap is None else min(rank_cap, evals.numel())
     return PcaBasis(
         mean=mean.float().cpu(),
-        basis=evecs[:, :r].float().cpu().contiguous(),
+        basis=evecs.float().cpu().contiguous(),
         eigenvalues=evals[:r].cpu(),
-        total_variance=float(cov.diagonal().sum()),
+        total_variance=total_variance,
         weights=BlockWeights(weights.weight.cpu(), weights.inverse.cpu()),
     )

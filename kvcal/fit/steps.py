@@ -51,6 +51,11 @@ class RateDistortion:
     def r(self) -> int:
         return self.step.shape[0]
 
+    def to(self, device) -> RateDistortion:
+        """The same tables on ``device`` (calibration measures on the GPU and allocates on the host)."""
+        return RateDistortion(*(getattr(self, f).to(device) for f in (
+            "step", "rate", "distortion", "family", "scale", "span", "prune_distortion")))
+
 
 def _gaussian_bits(q: torch.Tensor, s: float, span: torch.Tensor) -> torch.Tensor:
     """Mean bits per code ``[r]`` of codes ``q`` ``[n, r]`` under the quantized Gaussian of std ``s`` (steps)."""
@@ -84,10 +89,10 @@ def measure_rate_distortion(coords: torch.Tensor) -> RateDistortion:
     n, r = c.shape
     sigma = c.square().mean(0).sqrt().clamp_min(1e-30)
     factors = [2.0 ** (-m / STEPS_PER_OCTAVE) for m in MENU]
-    steps = sigma[:, None] * torch.tensor(factors, dtype=torch.float64)[None, :]  # [r, S]
+    steps = sigma[:, None] * torch.tensor(factors, dtype=torch.float64, device=c.device)[None, :]  # [r, S]
     shape = (r, len(factors))
-    rate, distortion, scale = (torch.empty(shape, dtype=torch.float64) for _ in range(3))
-    family, span = torch.empty(shape, dtype=torch.int64), torch.empty(shape, dtype=torch.int64)
+    rate, distortion, scale = (torch.empty(shape, dtype=torch.float64, device=c.device) for _ in range(3))
+    family, span = (torch.empty(shape, dtype=torch.int64, device=c.device) for _ in range(2))
     unit = (c / sigma).float()  # coordinates in units of their RMS; float32 halves the passes' cost
     for j, f in enumerate(factors):
         u = unit / f  # [n, r], in steps

@@ -1,0 +1,1 @@
+"""Integrations with serving stacks (optional extras): ``kvcal.integrations.lmcache`` needs ``kvcal[lmcache]``."""
