@@ -35,26 +35,28 @@ class _CodedMiddle:
         self.tokens += n_tokens
         self.version += 1
 
-    def coords(self, kind: str, g: int, device) -> torch.Tensor:
+    def cached(self, key: tuple, make):
+        """``make()``, kept until a block is added (or ``drop_decoded``)."""
         if self._coords_version != self.version:
             self._coords, self._coords_version = {}, self.version
-        key = (kind, g)
         if key not in self._coords:
-            parts = [self.codec.decode_coords(kind, g, block[key], device) for block in self.blocks]
-            self._coords[key] = torch.cat(parts)
+            self._coords[key] = make()
         return self._coords[key]
+
+    def _decoded_codes(self, kind: str, g: int) -> torch.Tensor:
+        """Int32 codes ``[rows, k]`` of every block, on the host (where the entropy stage decodes them)."""
+        models = self.codec.quantizers[(kind, g)].models
+        return torch.cat([torch.from_numpy(self.codec.stage.decode(block[(kind, g)].payload, block[(kind, g)].n, models))
+                          for block in self.blocks])
+
+    def coords(self, kind: str, g: int, device) -> torch.Tensor:
+        """Dequantized kept coordinates ``[rows, k]`` of every block on ``device``."""
+        quantizer = self.codec.placed(kind, g, device)[1]
+        return self.cached((kind, g), lambda: quantizer.dequantize(self._decoded_codes(kind, g), device))
 
     def codes(self, kind: str, g: int, device) -> torch.Tensor:
         """Int32 codes ``[rows, k]`` of every block on ``device``, for the fused decode kernel (which dequantizes)."""
-        if self._coords_version != self.version:
-            self._coords, self._coords_version = {}, self.version
-        key = (kind, g, "codes")
-        if key not in self._coords:
-            models = self.codec.quantizers[(kind, g)].models
-            parts = [torch.from_numpy(self.codec.stage.decode(block[(kind, g)].payload, block[(kind, g)].n, models))
-                     for block in self.blocks]
-            self._coords[key] = torch.cat(parts).to(device, torch.int32).contiguous()
-        return self._coords[key]
+        return self.cached((kind, g, "codes"), lambda: self._decoded_codes(kind, g).to(device, torch.int32).contiguous())
 
     def drop_decoded(self) -> None:
         self._coords, self._coords_version = {}, -1

@@ -45,10 +45,10 @@ class StreamingMoments:
     CHUNK_ELEMENTS = 1 << 27
 
     def add(self, x: torch.Tensor) -> None:
+        # A batch within CHUNK_ELEMENTS has at most ``rows`` rows, so it is one pass over all of it.
         rows = max(1, self.CHUNK_ELEMENTS // max(x.shape[1], 1))
-        for start in range(0, x.shape[0], rows) if x.numel() > self.CHUNK_ELEMENTS else (0,):
-            part = x[start : start + rows] if x.numel() > self.CHUNK_ELEMENTS else x
-            part = part.to(torch.float64)
+        for start in range(0, x.shape[0], rows):
+            part = x[start : start + rows].to(torch.float64)
             self.count += part.shape[0]
             self.sum += part.sum(0)
             self.outer.addmm_(part.T, part)

@@ -94,7 +94,7 @@ def test_encode_kernel_matches_reference(rot, d, dtype, tiles):
     got = kernels.fused_encode(src, item, tok, cos, sin, rot, mean, encoder, step, bound)
     want = kernels.encode_reference(src, item, tok, cos, sin, rot, mean, encoder, step, bound)
     assert got.dtype == torch.int32 and got.shape == want.shape
-    rows = kernels.unrotate_reference(kernels._rows_of(src, item, tok), cos, sin, rot).reshape(item.numel(), -1)
+    rows = kernels.rope_reference(kernels._rows_of(src, item, tok), cos, sin, rot, inverse=True).reshape(item.numel(), -1)
     exact = ((rows.double() - mean.double()) @ encoder.double()) / step.double()
     assert_codes_match(got, want, exact)
     assert bool((got.abs() <= bound.to(got.device).int()).all())

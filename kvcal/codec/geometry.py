@@ -25,6 +25,11 @@ HEADER_FIELDS = frozenset({
 })
 
 
+def dtype_name(dtype: torch.dtype) -> str | None:
+    """The header's name of a cache dtype (``DTYPES``), None for an unsupported one."""
+    return next((name for name, dt in DTYPES.items() if dt == dtype), None)
+
+
 def all_finite(t: torch.Tensor) -> bool:
     """Whether a tensor holds no NaN or inf: min and max are finite exactly then (both propagate NaN), and one
     ``aminmax`` pass costs a fraction of ``isfinite(t).all()``, which materialises a mask (about 15x on bf16)."""

@@ -27,7 +27,16 @@ from kvcal.artifact import Artifact, ratio_key
 from kvcal.codec import kernels
 from kvcal.codec.bitstream import Limits, read_blob, require_str, section_sizes, write_blob
 from kvcal.codec.entropy import ENTROPY_STAGES, entropy_stage
-from kvcal.codec.geometry import BLOB_KIND, DTYPES, CacheGeometry, all_finite, check_header_keys, read_geometry
+from kvcal.codec.geometry import (
+    BLOB_KIND,
+    DTYPES,
+    CacheGeometry,
+    all_finite,
+    check_header_keys,
+    dtype_name,
+    read_geometry,
+)
+from kvcal.codec.kernels import check_mode as check_kernel_mode
 from kvcal.codec.quantize import CoordinateQuantizer
 from kvcal.codec.transform import Projection, head_dim, middle_rows, projection_for, scatter_middle
 from kvcal.errors import BitstreamError, KvcalError
@@ -83,7 +92,7 @@ class KVTCCodec:
                 self.projections[(kind, g)] = projection_for(artifact, kind, g, q.kept)
         # ``kernels``: "auto" = the fused Triton kernels (kvcal.codec.kernels) for CUDA tensors when triton imports,
         # "triton" = always, "torch" = never. ``_placed``: projections and steps already on each device used.
-        self.kernels = kernels_mode(kernels)
+        self.kernels = check_kernel_mode(kernels)  # the argument shadows the kernels module here
         self._placed: dict[tuple[str, int, torch.device], tuple[Projection, CoordinateQuantizer]] = {}
         self._rotary: dict[tuple[str, int], int | None] = {}
         if device is not None:
@@ -121,12 +130,6 @@ class KVTCCodec:
         codes = quantizer.quantize(projection.project(rows)).numpy()  # to the host: the entropy stage runs there
         return CodedRows(rows.shape[0], self.stage.encode(codes, quantizer.models))
 
-    def decode_coords(self, kind: str, g: int, rows: CodedRows, device) -> torch.Tensor:
-        """Dequantized kept coordinates ``[n, k]``."""
-        quantizer = self.placed(kind, g, device)[1]
-        codes = self.stage.decode(rows.payload, rows.n, quantizer.models)
-        return quantizer.dequantize(torch.from_numpy(codes), device)
-
     def reconstruct_layer(self, kind: str, g: int, coords: torch.Tensor, layer: int) -> torch.Tensor:
         """One layer's slice of the decoded vectors, ``[n, heads, head_dim]`` (keys still position-free)."""
         projection = self.placed(kind, g, coords.device)[0]
@@ -157,7 +160,7 @@ class KVTCCodec:
                                  f"is {k0.dtype}; every layer must share one dtype")
             if not (all_finite(k) and all_finite(v)):
                 raise KvcalError(f"layer {i} of the cache holds NaN or inf; kvcal stores finite caches only")
-        dtype = next((name for name, dt in DTYPES.items() if dt == k0.dtype), None)
+        dtype = dtype_name(k0.dtype)
         if dtype is None:
             raise KvcalError(f"cache dtype {k0.dtype} is not supported; use float32, float16 or bfloat16")
         if attention_mask is not None:
@@ -365,10 +368,6 @@ class KVTCCodec:
 def _flat_bytes(t: torch.Tensor) -> torch.Tensor:
     """``t``'s bytes as a flat uint8 tensor on its own device (a copy only where ``t`` is not contiguous)."""
     return t.detach().contiguous().reshape(-1).view(torch.uint8)
-
-
-def kernels_mode(mode: str) -> str:
-    return kernels.check_mode(mode)
 
 
 def allocate_cache(geo: CacheGeometry, L: KVLayout, dtype: torch.dtype, device: torch.device) -> list[list[torch.Tensor]]:

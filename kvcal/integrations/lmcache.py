@@ -44,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from kvcal.codec.geometry import DTYPES
+from kvcal.codec.geometry import DTYPES, dtype_name
 from kvcal.codec.kvtc import KVTCCodec
 from kvcal.errors import ArtifactError, BitstreamError, KvcalError
 from kvcal.integrations.post_rope import POST_ROPE, PRE_ROPE, PostRopeAdapter, key_frame
@@ -212,10 +212,6 @@ def chunk_view(t: torch.Tensor, codec: KVTCCodec) -> list[tuple[torch.Tensor, to
             for layer in range(L.num_layers)]
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return next(name for name, dt in DTYPES.items() if dt == dtype)
-
-
 class KvtcSerializer(Serializer):
     """One chunk ``[2, L, T, hidden]`` -> header + kvcal blob + CRC32, written into ``dst`` (a uint8 buffer)."""
 
@@ -254,7 +250,7 @@ class KvtcSerializer(Serializer):
         offset, source = self.position(src, kv)
         blob = self.codec.compress(kv, position_offsets=[offset])
         head = _HEADER.pack(MAGIC, VERSION, FRAMES.index(self.frame), POSITION_SOURCES.index(source),
-                            DTYPE_CODES.index(_dtype_name(t.dtype)), t.shape[1], n, t.shape[3], len(blob))
+                            DTYPE_CODES.index(dtype_name(t.dtype)), t.shape[1], n, t.shape[3], len(blob))
         body = head + blob
         return body + _CRC.pack(zlib.crc32(body))
 

@@ -268,10 +268,8 @@ def decode_cache_layer(cache, layer: int, kind: str, g: int, rot: int, dtype, de
     blocks (rows block-major, then batch, then token, as ``code_full_blocks`` coded them)."""
     codec, middle = cache.codec, cache.middle
     device = torch.device(device)
-    key = ("rows", g, batch)
-    if middle._coords_version != middle.version:
-        middle._coords, middle._coords_version = {}, middle.version
-    if key not in middle._coords:
+
+    def row_map():
         items, toks, positions = [], [], []
         for i, start in enumerate(middle.block_starts):
             n = cache._block_len(i)
@@ -280,10 +278,11 @@ def decode_cache_layer(cache, layer: int, kind: str, g: int, rot: int, dtype, de
             positions.append((torch.arange(n) + start).repeat(batch))
         pos = torch.cat(positions).to(device)[None]
         cos, sin = codec.adapter.cos_sin(codec.groups[g][0], pos) if rot else (None, None)
-        middle._coords[key] = (torch.cat(items).to(device), torch.cat(toks).to(device),
-                               None if cos is None else cos[0].to(device).float().contiguous(),
-                               None if sin is None else sin[0].to(device).float().contiguous())
-    item, tok, cos, sin = middle._coords[key]
+        return (torch.cat(items).to(device), torch.cat(toks).to(device),
+                None if cos is None else cos[0].to(device).float().contiguous(),
+                None if sin is None else sin[0].to(device).float().contiguous())
+
+    item, tok, cos, sin = middle.cached(("rows", g, batch), row_map)
     codes = middle.codes(kind, g, device)
     projection, quantizer = codec.placed(kind, g, device)
     heads = codec.layout.num_kv_heads
@@ -300,8 +299,9 @@ def _rows_of(src: torch.Tensor, item: torch.Tensor, tok: torch.Tensor) -> torch.
     return src[:, item.long(), :, tok.long()].float()  # indices split by a slice: their dim comes first
 
 
-def unrotate_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rot: int) -> torch.Tensor:
-    """``ModelAdapter._apply(inverse=True)`` on rows ``[N, ..., head_dim]`` with per-row ``cos``/``sin``."""
+def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rot: int, inverse: bool) -> torch.Tensor:
+    """``ModelAdapter._apply`` in its textbook form, on rows ``[N, ..., head_dim]`` with per-row ``cos``/``sin``:
+    ``(h*cos - rotate_half(h)*sin) / (cos^2 + sin^2)`` undoes RoPE, ``h*cos + rotate_half(h)*sin`` applies it."""
     from kvcal.adapters.base import rotate_half
 
     if not rot:
@@ -309,24 +309,13 @@ def unrotate_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ro
     shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (rot,)
     c, s = cos.reshape(shape), sin.reshape(shape)
     head, tail = x[..., :rot], x[..., rot:]
-    return torch.cat(((head * c - rotate_half(head) * s) / (c * c + s * s), tail), dim=-1)
-
-
-def rotate_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rot: int) -> torch.Tensor:
-    """``ModelAdapter._apply(inverse=False)``."""
-    from kvcal.adapters.base import rotate_half
-
-    if not rot:
-        return x
-    shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (rot,)
-    c, s = cos.reshape(shape), sin.reshape(shape)
-    head, tail = x[..., :rot], x[..., rot:]
-    return torch.cat((head * c + rotate_half(head) * s, tail), dim=-1)
+    head = (head * c - rotate_half(head) * s) / (c * c + s * s) if inverse else head * c + rotate_half(head) * s
+    return torch.cat((head, tail), dim=-1)
 
 
 def encode_reference(src, item, tok, cos, sin, rot, mean, encoder, step, bound) -> torch.Tensor:
     """``fused_encode`` the torch path's way: ``position_free`` -> ``Projection.project`` -> ``quantize``."""
-    rows = unrotate_reference(_rows_of(src, item, tok), cos, sin, rot).reshape(item.shape[0], -1)
+    rows = rope_reference(_rows_of(src, item, tok), cos, sin, rot, inverse=True).reshape(item.shape[0], -1)
     coords = (rows - mean) @ encoder
     q = torch.nan_to_num(coords / step, nan=0.0).round()
     return torch.maximum(torch.minimum(q, bound), -bound).to(torch.int32)
@@ -336,7 +325,7 @@ def decode_reference(codes, step, decoder, mean, item, tok, cos, sin, rot, out) 
     """``fused_decode`` the torch path's way: ``dequantize`` -> ``reconstruct_layer`` -> ``at_positions``."""
     _, heads, _, d = out.shape
     x = (codes.float() * step) @ decoder + mean
-    x = rotate_reference(x.reshape(codes.shape[0], heads, d), cos, sin, rot)
+    x = rope_reference(x.reshape(codes.shape[0], heads, d), cos, sin, rot, inverse=False)
     out[item.long(), :, tok.long()] = x.to(out.dtype)
 
 
