@@ -6,18 +6,20 @@ from pathlib import Path
 
 from kvcal.adapters import adapter_for, adapter_for_config
 from kvcal.artifact import Artifact
+from kvcal.codec.entropy import DEFAULT_ENTROPY
 from kvcal.codec.kvtc import KVTCCodec
 from kvcal.errors import ArtifactError
 
 
 def load(path: str | Path, ratio: float | None = None, model=None, sink: int | None = None, window: int | None = None,
-         entropy: str = "ans", zstd_level: int = 3, kernels: str = "auto", device=None) -> KVTCCodec:
+         entropy: str = DEFAULT_ENTROPY, zstd_level: int = 3, kernels: str = "auto", device=None) -> KVTCCodec:
     """A codec for ``path`` (a model directory holding ``kvcal/`` or an artifact directory/file).
 
     With ``model``, the artifact's fingerprint is checked against it (a mismatch names the fields that differ)
     and RoPE comes from the model itself; without it, RoPE is rebuilt from the model's config.
     ``ratio`` defaults to the smallest ratio in the artifact (the highest quality). ``entropy`` picks the entropy
-    stage: ``"ans"`` (calibrated symbol models, the default) or ``"zstd"`` (for comparison). ``kernels``: ``"auto"``
+    stage: ``"rans"`` (kvcal's rANS under the calibrated symbol models, the default), ``"ans"`` (the same models
+    through ``constriction``, slower to decode) or ``"zstd"`` (for comparison). ``kernels``: ``"auto"``
     (the fused Triton kernels for CUDA caches when ``kvcal[triton]`` is installed), ``"triton"`` or ``"torch"``.
     ``device`` places the codec's projections and steps there up front (otherwise on first use).
     """

@@ -87,7 +87,7 @@ def assemble(header: Any, payload: bytes, version: int = 2, header_bytes: bytes 
 class Base:
     """One real blob and what mutators need to know about it."""
 
-    name: str  # e.g. "llama/ans@4/n37b1"
+    name: str  # e.g. "llama/rans@4/n37b1"
     codec: str  # key of the codec that made it (and reads it)
     blob: bytes
     header: dict  # with the "sections" table
@@ -247,7 +247,7 @@ def _str_values(rng: random.Random, v: str, choices: tuple[str, ...]) -> list:
 
 
 STR_CHOICES = {
-    "kind": ("kvcal-kvtc", "kvcal-kvtc-v1", "kvcal"), "entropy": ("ans", "zstd", "rans", "none"),
+    "kind": ("kvcal-kvtc", "kvcal-kvtc-v1", "kvcal"), "entropy": ("rans", "ans", "zstd", "range", "none"),
     "dtype": ("float32", "float16", "bfloat16", "float64", "int8"), "ratio": ("2", "4", "8", "4.0", "3", "0", "-4"),
     "model_type": ("llama", "gemma2", "mistral", "qwen3", "deepseek_v3"),
 }
@@ -578,7 +578,7 @@ class CodecSpec:
         return kvcal.load(self.model_dir, ratio=self.ratio, entropy=self.entropy)
 
 
-CODEC_SETTINGS = (("ans", 4.0), ("zstd", 4.0), ("ans", 8.0))
+CODEC_SETTINGS = (("rans", 4.0), ("ans", 4.0), ("zstd", 4.0), ("rans", 8.0))
 # (name, tokens, batch, left pad of item 1, position offset, dtype)
 CACHE_SHAPES = (
     ("n1b1", 1, 1, 0, 0, "float32"), ("n5b1", 5, 1, 0, 0, "float32"), ("n36b1", 36, 1, 0, 0, "float32"),

@@ -9,8 +9,9 @@
 #   bash scripts/gpu_check.sh bench-8b-tf32  # optional: the 8B codec with TF32 projections (results/tf32/)
 #
 # The H200 image has torch (CUDA), triton, transformers, safetensors, tokenizers, numpy, scikit-learn, click, tqdm
-# and pytest, but not zstandard or constriction (kvcal's entropy stages): `prepare` downloads both as CPython 3.12
-# manylinux wheels into .whl/ (git-ignored through .git/info/exclude); name `.whl` in the run's `carry`.
+# and pytest, but not zstandard, numba (with llvmlite) or constriction (kvcal's entropy stages): `prepare` downloads
+# them as CPython 3.12 manylinux wheels into .whl/ (git-ignored through .git/info/exclude; ~55 MB, llvmlite the
+# most); name `.whl` in the run's `carry`.
 # Results go to $OUT/results (the device tool brings $OUT back) or results/ when OUT is unset; each bench step
 # merges into the same bench_gpu.json, so the steps can run in separate calls (each under the 10-minute limit):
 #   call 1: bash scripts/gpu_check.sh tests && bash scripts/gpu_check.sh bench-8b
@@ -26,7 +27,7 @@ if [ "$step" = prepare ]; then
     grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-        -d .whl "zstandard>=0.22" "constriction>=0.4"
+        -d .whl "zstandard>=0.22" "constriction>=0.4" "numba==0.68.1" "llvmlite==0.50.0"
     ls -l .whl
     exit $?
 fi
@@ -40,7 +41,7 @@ export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELI
 unset TRITON_INTERPRET
 
 python3 - <<'EOF' || exit 1
-import torch, triton, transformers, constriction, zstandard  # noqa: F401
+import torch, triton, transformers, constriction, zstandard, numba  # noqa: F401
 assert torch.cuda.is_available(), "no CUDA device"
 print(f"{torch.cuda.get_device_name()}: torch {torch.__version__} (CUDA {torch.version.cuda}), triton {triton.__version__}, "
       f"transformers {transformers.__version__}")

@@ -93,3 +93,21 @@ def write_byte_tokenizer(out: Path) -> None:
 
 def bytes_to_unicode_char(i: int) -> str:
     return chr(i)
+
+
+def mutate_payload(rng, payload: bytearray, kind: int, state_bytes: int = 0) -> bytearray:
+    """An entropy-coded section, mutated: 0 a bit flip, 1 a truncation to whole words, 2 extra words, 3 random
+    leading ``state_bytes`` (the coder's states), anything else whole random words."""
+    import numpy as np
+
+    if kind == 0:
+        payload[rng.integers(len(payload))] ^= 1 << int(rng.integers(8))
+    elif kind == 1:
+        payload = payload[: 4 * int(rng.integers(0, len(payload) // 4))]
+    elif kind == 2:
+        payload += bytes(rng.integers(0, 256, size=4 * int(rng.integers(1, 4)), dtype=np.uint8))
+    elif kind == 3 and state_bytes:
+        payload[:state_bytes] = rng.integers(0, 256, size=state_bytes, dtype=np.uint8).tobytes()
+    else:
+        payload = bytearray(rng.integers(0, 256, size=4 * int(rng.integers(0, 400)), dtype=np.uint8).tobytes())
+    return payload

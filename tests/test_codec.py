@@ -72,6 +72,42 @@ def test_determinism_and_config_only_codec(calibrated):
         assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_whole_group_rope_gives_the_per_layer_bits(calibrated, family):
+    """The codec un-rotates and re-rotates a group's rows in one pass when its layers share plain RoPE
+    (``group_rotary_dim``); blobs and decoded caches must be bit-identical to the adapter's layer-by-layer path,
+    with left padding, position offsets and half-precision caches."""
+    model_dir = calibrated(family)
+    mask = torch.ones(2, 90, dtype=torch.long)
+    mask[1, :13] = 0
+    model, cache = prefill(model_dir, n=90, mask=mask)
+    for dtype in (torch.float32, torch.bfloat16):
+        kv = [(layer.keys.to(dtype), layer.values.to(dtype)) for layer in cache.layers]
+        grouped = kvcal.load(model_dir, ratio=4, model=model)
+        per_layer = kvcal.load(model_dir, ratio=4, model=model)
+        per_layer.group_rotary_dim = lambda kind, g: None
+        blob = grouped.compress(kv, attention_mask=mask, position_offsets=[0, 29])
+        assert blob == per_layer.compress(kv, attention_mask=mask, position_offsets=[0, 29])
+        for a, b in zip(grouped.decompress(blob).layers, per_layer.decompress(blob).layers, strict=True):
+            assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+    if family in ("llama", "qwen3", "mistral"):  # one RoPE table for every layer: the fast path must be taken
+        assert grouped.group_rotary_dim("k", 0) == grouped.layout.rotary_dim and grouped.group_rotary_dim("v", 0) == 0
+
+
+@pytest.mark.parametrize("where", ["middle", "window", "inf"])
+def test_non_finite_caches_are_refused(calibrated, where):
+    """Finiteness is checked after the sections are coded (it overlaps the last entropy coding), still before any
+    blob is returned: NaN or inf anywhere is a one-line KvcalError."""
+    model_dir = calibrated("llama")
+    model, cache = prefill(model_dir, n=120)
+    kv = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
+    codec = kvcal.load(model_dir, ratio=4, model=model)
+    token = {"middle": 50, "window": -1, "inf": 60}[where]
+    kv[1][1][0, 0, token, 3] = float("inf") if where == "inf" else float("nan")
+    with pytest.raises(KvcalError, match="layer 1 of the cache holds NaN or inf"):
+        codec.compress(kv)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_caches(calibrated, dtype):
     model_dir = calibrated("llama")

@@ -44,6 +44,33 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def rotate_into(out: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE, half-split form, on the first ``rot = cos.shape[-1]`` dims of float32 ``x``, written into ``out`` (the
+    rest copied); ``cos``/``sin`` broadcast against ``x``. Every element is the float32 expression
+    ``h * cos + rotate_half(h) * sin`` of the textbook form, without its concatenations, so any layout of ``x``
+    (one layer's ``[b, h, n, d]``, or a whole group's decoded rows ``[n, layers * h, d]``) gives the same bits."""
+    rot = cos.shape[-1]
+    half = rot // 2
+    if rot < x.shape[-1]:
+        out[..., rot:] = x[..., rot:]
+    x1, x2 = x[..., :half], x[..., half:rot]
+    o1, o2 = out[..., :half], out[..., half:rot]
+    torch.mul(x1, cos[..., :half], out=o1).sub_(x2 * sin[..., :half])
+    torch.mul(x2, cos[..., half:], out=o2).add_(x1 * sin[..., half:])
+    return out
+
+
+def unrotate_into(out: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``rotate_into`` on the first ``rot`` dims only (``out`` and ``x`` hold exactly those):
+    ``(h * cos - rotate_half(h) * sin) / (cos^2 + sin^2)``, the same float32 expression for any layout."""
+    half = cos.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    o1, o2 = out[..., :half], out[..., half:]
+    torch.mul(x1, cos[..., :half], out=o1).add_(x2 * sin[..., :half])  # first half
+    torch.mul(x2, cos[..., half:], out=o2).sub_(x1 * sin[..., half:])  # second half
+    return out.div_(norm)
+
+
 def deinterleave(x: torch.Tensor) -> torch.Tensor:
     """Pairs ``(x0, x1), (x2, x3), ...`` -> halves ``(x0, x2, ..., x1, x3, ...)``."""
     return torch.cat((x[..., 0::2], x[..., 1::2]), dim=-1)
@@ -172,28 +199,19 @@ class ModelAdapter:
         # blobs are bit-identical to the textbook form.
         cos, sin, norm = self._rope_factors(layer_idx, positions, keys.device)
         rot = cos.shape[-1]
-        half = rot // 2
         x = keys.float()
         out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+        if not inverse:
+            # Interleaved pairs are regrouped into halves first; the rotation itself is ``rotate_into``'s.
+            return rotate_into(out, torch.cat((deinterleave(x[..., :rot]), x[..., rot:]), -1) if self.interleaved else x,
+                               cos, sin)
         if rot < x.shape[-1]:
             out[..., rot:] = x[..., rot:]
         head = x[..., :rot]
-        if not inverse and self.interleaved:
-            head = deinterleave(head)
-        x1, x2 = head[..., :half], head[..., half:]
-        c1, c2, s1, s2 = cos[..., :half], cos[..., half:], sin[..., :half], sin[..., half:]
-        if inverse:
-            target = out[..., :rot] if not self.interleaved else torch.empty_like(head)
-            o1, o2 = target[..., :half], target[..., half:]
-            torch.mul(x1, c1, out=o1).add_(x2 * s1)  # (h*cos - rotate_half(h)*sin), first half
-            torch.mul(x2, c2, out=o2).sub_(x1 * s2)  # second half
-            target.div_(norm)
-            if self.interleaved:
-                out[..., :rot] = interleave(target)
-        else:
-            o1, o2 = out[..., :half], out[..., half:rot]
-            torch.mul(x1, c1, out=o1).sub_(x2 * s1)  # h*cos + rotate_half(h)*sin, first half
-            torch.mul(x2, c2, out=o2).add_(x1 * s2)
+        target = out[..., :rot] if not self.interleaved else torch.empty_like(head)
+        unrotate_into(target, head, cos, sin, norm)
+        if self.interleaved:
+            out[..., :rot] = interleave(target)
         return out
 
     def unrotate_keys(self, keys: torch.Tensor, layer_idx: int, positions: torch.Tensor) -> torch.Tensor:

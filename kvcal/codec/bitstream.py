@@ -151,11 +151,14 @@ def write_blob(
     sections: Sequence[tuple[str, bytes]],
     zstd_level: int = 3,
     compress: bool | Sequence[bool] = True,
+    compressed: dict[str, bytes] | None = None,
 ) -> bytes:
     """Pack ``header`` and named byte ``sections`` into one blob; the same inputs always give the same bytes.
 
-    ``compress`` is one flag for all sections or one per section. The writer refuses anything the reader with
-    default ``Limits`` would refuse, so every blob it returns can be read back.
+    ``compress`` is one flag for all sections or one per section. ``compressed`` may hold, for sections that
+    are to be compressed, their stored form already made by ``zstd_frame(data, zstd_level)`` (e.g. on another
+    thread while the caller computed the rest); each is checked to declare its section's raw size. The writer
+    refuses anything the reader with default ``Limits`` would refuse, so every blob it returns can be read back.
     """
     defaults = Limits()
     _check_writable_header(header)
@@ -165,7 +168,7 @@ def write_blob(
     if len(sections) > defaults.max_sections:
         raise BitstreamError(f"cannot write kvcal blob: {len(sections)} sections, the limit is {defaults.max_sections}")
 
-    compressor = zstandard.ZstdCompressor(level=zstd_level, write_content_size=True, write_checksum=False, threads=0)
+    compressed = compressed or {}
     table: list[dict[str, Any]] = []
     stored_parts: list[bytes | memoryview] = []
     offset = 0
@@ -179,7 +182,11 @@ def write_blob(
                 f"cannot write kvcal blob: section {name!r} has {len(raw)} bytes, "
                 f"the limit is {defaults.max_section_raw_bytes}"
             )
-        stored = compressor.compress(raw) if use_zstd else raw
+        stored = raw
+        if use_zstd:
+            stored = compressed.get(name) or zstd_frame(raw, zstd_level)
+            if zstandard.frame_content_size(stored) != len(raw):
+                raise BitstreamError(f"cannot write kvcal blob: section {name!r}'s compressed form is not its data's")
         table.append({"name": name, "offset": offset, "stored": len(stored), "raw": len(raw), "zstd": use_zstd})
         stored_parts.append(stored)
         offset += len(stored)
@@ -205,6 +212,12 @@ def write_blob(
         crc = zlib.crc32(part, crc)
     parts.append(_CRC.pack(crc))
     return b"".join(parts)
+
+
+def zstd_frame(data: bytes | memoryview, level: int = 3) -> bytes:
+    """A section's stored form when compressed: one zstd frame declaring its content size, no checksum (the blob's
+    CRC covers it). Safe to call from several threads at once (zstandard releases the GIL while it works)."""
+    return zstandard.ZstdCompressor(level=level, write_content_size=True, write_checksum=False, threads=0).compress(data)
 
 
 def _check_writable_header(header: Any) -> None:

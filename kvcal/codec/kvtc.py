@@ -16,8 +16,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
@@ -25,8 +28,8 @@ from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 from kvcal.adapters import KVLayout, ModelAdapter
 from kvcal.artifact import Artifact, ratio_key
 from kvcal.codec import kernels
-from kvcal.codec.bitstream import Limits, read_blob, require_str, section_sizes, write_blob
-from kvcal.codec.entropy import ENTROPY_STAGES, entropy_stage
+from kvcal.codec.bitstream import Limits, read_blob, require_str, section_sizes, write_blob, zstd_frame
+from kvcal.codec.entropy import DEFAULT_ENTROPY, ENTROPY_STAGES, entropy_stage
 from kvcal.codec.geometry import (
     BLOB_KIND,
     DTYPES,
@@ -68,7 +71,7 @@ class KVTCCodec:
     """Compress and restore KV caches with one calibration artifact at one ratio."""
 
     def __init__(self, artifact: Artifact, ratio: float, adapter: ModelAdapter, sink: int | None = None,
-                 window: int | None = None, entropy: str = "ans", zstd_level: int = 3, kernels: str = "auto",
+                 window: int | None = None, entropy: str = DEFAULT_ENTROPY, zstd_level: int = 3, kernels: str = "auto",
                  device: str | torch.device | None = None):
         self.artifact = artifact
         self.ratio = artifact.check_ratio(ratio)
@@ -115,20 +118,30 @@ class KVTCCodec:
             self._placed[key] = (self.projections[(kind, g)].to(device), self.quantizers[(kind, g)].to(device))
         return self._placed[key]
 
-    def kernel_rotary_dim(self, kind: str, g: int, device: torch.device) -> int | None:
-        """Rotary dims for the fused kernels when they code this group on ``device``; None = the torch path."""
-        if not kernels.use_kernels(self.kernels, device):
-            return None
+    def group_rotary_dim(self, kind: str, g: int) -> int | None:
+        """Rotary dims every layer of group ``g`` shares (0: none), or None when the adapter's ``at_positions`` is
+        not plain half-split RoPE with one table for the group (the group is then re-positioned layer by layer)."""
         if (kind, g) not in self._rotary:  # asked per layer and step by KVTCCache: answered once
             self._rotary[(kind, g)] = kernels.kernel_rotary_dim(self.adapter, kind, self.groups[g])
         return self._rotary[(kind, g)]
 
+    def kernel_rotary_dim(self, kind: str, g: int, device: torch.device) -> int | None:
+        """Rotary dims for the fused kernels when they code this group on ``device``; None = the torch path."""
+        if not kernels.use_kernels(self.kernels, device):
+            return None
+        return self.group_rotary_dim(kind, g)
+
     # --- rows <-> coded bytes (also what KVTCCache stores per block) -----------------------------------------
+    def quantize_rows(self, kind: str, g: int, rows: torch.Tensor) -> np.ndarray:
+        """Position-free rows ``[n, p]`` -> int32 codes ``[n, k]`` of their kept coordinates, on the host (where
+        the entropy stage runs)."""
+        projection, quantizer = self.placed(kind, g, rows.device)
+        return quantizer.quantize(projection.project(rows)).numpy()
+
     def encode_rows(self, kind: str, g: int, rows: torch.Tensor) -> CodedRows:
         """Position-free rows ``[n, p]`` -> the entropy stage's bytes for their kept coordinates."""
-        projection, quantizer = self.placed(kind, g, rows.device)
-        codes = quantizer.quantize(projection.project(rows)).numpy()  # to the host: the entropy stage runs there
-        return CodedRows(rows.shape[0], self.stage.encode(codes, quantizer.models))
+        codes = self.quantize_rows(kind, g, rows)
+        return CodedRows(rows.shape[0], self.stage.encode(codes, self.quantizers[(kind, g)].models))
 
     def reconstruct_layer(self, kind: str, g: int, coords: torch.Tensor, layer: int) -> torch.Tensor:
         """One layer's slice of the decoded vectors, ``[n, heads, head_dim]`` (keys still position-free)."""
@@ -137,7 +150,7 @@ class KVTCCodec:
 
     # --- compress -----------------------------------------------------------------------------------------
     def geometry(self, kv: list[tuple[torch.Tensor, torch.Tensor]], attention_mask: torch.Tensor | None,
-                 sliding: tuple[int, ...], offsets: list[int] | None) -> CacheGeometry:
+                 sliding: tuple[int, ...], offsets: list[int] | None, check_finite: bool = True) -> CacheGeometry:
         L = self.layout
         if len(kv) != L.num_layers:
             raise KvcalError(f"cache has {len(kv)} layers but the artifact's model has {L.num_layers}; use the matching artifact")
@@ -158,8 +171,8 @@ class KVTCCodec:
             if k.dtype != k0.dtype or v.dtype != k0.dtype:
                 raise KvcalError(f"layer {i} is {k.dtype}/{v.dtype}, layer {L.coded_layers[0] if L.coded_layers else 0} "
                                  f"is {k0.dtype}; every layer must share one dtype")
-            if not (all_finite(k) and all_finite(v)):
-                raise KvcalError(f"layer {i} of the cache holds NaN or inf; kvcal stores finite caches only")
+        if check_finite:
+            self.check_finite(kv)
         dtype = dtype_name(k0.dtype)
         if dtype is None:
             raise KvcalError(f"cache dtype {k0.dtype} is not supported; use float32, float16 or bfloat16")
@@ -179,14 +192,36 @@ class KVTCCodec:
         return CacheGeometry(b, n, dtype, tuple(k.shape[2] for k, _ in kv), sliding, tuple(pads),
                              tuple(offsets or [0] * b), self.sink, self.window)
 
+    @staticmethod
+    def check_finite(kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        for i, (k, v) in enumerate(kv):
+            if not (all_finite(k) and all_finite(v)):
+                raise KvcalError(f"layer {i} of the cache holds NaN or inf; kvcal stores finite caches only")
+
     @torch.no_grad()
     def compress(self, cache, attention_mask: torch.Tensor | None = None, position_offsets: list[int] | None = None) -> bytes:
         """A ``DynamicCache`` (or a list of per-layer ``(keys, values)``) -> bytes."""
         kv, sliding = cache_tensors(cache)
-        geo = self.geometry(kv, attention_mask, sliding, position_offsets)
-        # Off the CPU the exact tokens are gathered on the device and leave it in one copy, not one per slice.
+        # Finiteness is checked last, while the last section's entropy coding runs on its worker; until then a NaN
+        # only meets ``quantize``'s clipping, and the cache is refused before any blob leaves.
+        geo = self.geometry(kv, attention_mask, sliding, position_offsets, check_finite=False)
+        # Each coded section's entropy coding runs on a worker thread (where the stage releases the GIL) while the
+        # next group is projected; the exact tokens are gathered and zstd-compressed here while the last one codes.
+        pending: list[tuple[str, Future]] = []
+        if geo.middle_tokens:
+            pool = section_pool() if self.stage.releases_gil else None
+            for kind in KINDS:
+                for g in range(len(self.groups)):
+                    rot = self.kernel_rotary_dim(kind, g, kv[0][0].device)
+                    if rot is not None:  # fused un-rotate + centre + project + quantize on the device
+                        codes = kernels.encode_group(self, kv, geo, kind, g, rot).cpu().numpy()
+                    else:
+                        rows = middle_rows(kv, geo, self.adapter, kind, self.groups[g], self.group_rotary_dim(kind, g))
+                        codes = self.quantize_rows(kind, g, rows)
+                    args = (codes, self.quantizers[(kind, g)].models)
+                    pending.append((f"{kind}{g}", pool.submit(self.stage.encode, *args) if pool else _done(self.stage.encode, *args)))
         on_host = kv[0][0].device.type == "cpu"
-        as_part = tensor_bytes if on_host else _flat_bytes
+        as_part = tensor_bytes if on_host else _flat_bytes  # off the CPU: gathered there, one copy to the host
         exact_parts = []
         for layer, (k, v) in enumerate(kv):
             for t in (k, v):
@@ -198,23 +233,14 @@ class KVTCCodec:
                     exact_parts.append(as_part(t[item, :, geo.pads[item] : lo]))
                     exact_parts.append(as_part(t[item, :, hi:]))
         exact = b"".join(exact_parts) if on_host else tensor_bytes(torch.cat(exact_parts)) if exact_parts else b""
-        sections: list[tuple[str, bytes]] = [("exact", exact)]
-        compress_flags = [True]
-        if geo.middle_tokens:
-            for kind in KINDS:
-                for g in range(len(self.groups)):
-                    rot = self.kernel_rotary_dim(kind, g, kv[0][0].device)
-                    if rot is not None:  # fused un-rotate + centre + project + quantize on the device
-                        codes = kernels.encode_group(self, kv, geo, kind, g, rot).cpu().numpy()
-                        payload = self.stage.encode(codes, self.quantizers[(kind, g)].models)
-                    else:
-                        rows = middle_rows(kv, geo, self.adapter, kind, self.groups[g])
-                        payload = self.encode_rows(kind, g, rows).payload
-                    sections.append((f"{kind}{g}", payload))
-                    compress_flags.append(self.stage.container_zstd)
+        exact_stored = zstd_frame(exact, self.zstd_level)
+        self.check_finite(kv)
+        sections = [("exact", exact)] + [(name, payload.result()) for name, payload in pending]
+        compress_flags = [True] + [self.stage.container_zstd] * len(pending)
         header = {"kind": BLOB_KIND, "artifact_id": self.id, "ratio": ratio_key(self.ratio), "entropy": self.stage.name,
                   "model_type": self.artifact.fingerprint["model_type"], **geo.header_fields()}
-        return write_blob(header, sections, zstd_level=self.zstd_level, compress=compress_flags)
+        return write_blob(header, sections, zstd_level=self.zstd_level, compress=compress_flags,
+                          compressed={"exact": exact_stored})
 
     # --- decompress ---------------------------------------------------------------------------------------
     def read_geometry(self, header: dict) -> CacheGeometry:
@@ -281,8 +307,11 @@ class KVTCCodec:
                 lay.update(k, v)
                 lay.cumulative_length = geo.seq_len
             else:
+                # The decoded tensors become the layer's own: ``update`` would concatenate them onto an empty
+                # tensor, one more copy of the whole cache.
                 lay = DynamicLayer()
-                lay.update(k, v)
+                lay.lazy_initialization(k, v)
+                lay.keys, lay.values = k, v
             layers.append(lay)
         cache = DynamicCache()
         cache.layers = layers
@@ -295,49 +324,60 @@ class KVTCCodec:
         # Forged bytes (a recomputed CRC) can hold any bit pattern: a NaN or inf is refused, never returned.
         if not all_finite(exact):
             raise BitstreamError("kvcal blob: its exact tokens hold NaN or inf (forged or corrupted payload)")
-        exact = exact.to(device)  # one host-to-device copy; the slices below are views of it
-        # Uninitialised: every slot is written below (exact layers whole; coded layers as left padding, which is
-        # zeroed, then sinks, middle and window), and zero-filling first would cost a pass over the whole cache.
-        kv = allocate_cache(geo, L, dtype, device)
-        pos = 0
+        # The entropy stage starts on every coded section now, in worker threads where it releases the GIL, and
+        # runs while the exact tokens are copied in below and earlier sections are reconstructed.
+        codes = self.decode_sections(geo, sections) if geo.middle_tokens else {}
+        try:
+            exact = exact.to(device)  # one host-to-device copy; the slices below are views of it
+            # Uninitialised: every slot is written below (exact layers whole; coded layers as left padding, which
+            # is zeroed, then sinks, middle and window), and zero-filling first would cost a pass over the cache.
+            kv = allocate_cache(geo, L, dtype, device)
+            pos = 0
 
-        def take(shape) -> torch.Tensor:
-            nonlocal pos
-            count = math.prod(shape)
-            t = exact[pos : pos + count].reshape(shape)
-            pos += count
-            return t
+            def take(shape) -> torch.Tensor:
+                nonlocal pos
+                count = math.prod(shape)
+                t = exact[pos : pos + count].reshape(shape)
+                pos += count
+                return t
 
-        for layer in range(L.num_layers):
-            for t in kv[layer]:
-                if layer in L.exact_layers:
-                    t.copy_(take(t.shape))
-                    continue
-                for item in range(geo.batch):
-                    lo, hi = geo.middle(item)
-                    h, d = t.shape[1], t.shape[3]
-                    t[item, :, : geo.pads[item]] = 0
-                    t[item, :, geo.pads[item] : lo] = take((h, lo - geo.pads[item], d))
-                    t[item, :, hi:] = take((h, geo.seq_len - hi, d))
-        if geo.middle_tokens:
-            for (kind, g), codes in self.decoded_codes(geo, sections):
+            for layer in range(L.num_layers):
+                for t in kv[layer]:
+                    if layer in L.exact_layers:
+                        t.copy_(take(t.shape))
+                        continue
+                    for item in range(geo.batch):
+                        lo, hi = geo.middle(item)
+                        h, d = t.shape[1], t.shape[3]
+                        t[item, :, : geo.pads[item]] = 0
+                        t[item, :, geo.pads[item] : lo] = take((h, lo - geo.pads[item], d))
+                        t[item, :, hi:] = take((h, geo.seq_len - hi, d))
+            for (kind, g), pending in codes.items():
+                section_codes = torch.from_numpy(pending.result())
                 rot = self.kernel_rotary_dim(kind, g, device)
                 if rot is not None:  # fused dequantize + project back + re-rotate, straight into the cache
-                    kernels.decode_group(self, kv, geo, kind, g, rot, codes.to(device, torch.int32).contiguous())
+                    kernels.decode_group(self, kv, geo, kind, g, rot, section_codes.to(device, torch.int32).contiguous())
                     continue
                 projection, quantizer = self.placed(kind, g, device)
-                coords = quantizer.dequantize(codes, device)
-                scatter_middle(kv, geo, self.adapter, kind, self.groups[g], projection, coords, L)
+                coords = quantizer.dequantize(section_codes, device)
+                scatter_middle(kv, geo, self.adapter, kind, self.groups[g], projection, coords, L,
+                               rotary_dim=self.group_rotary_dim(kind, g))
+        finally:
+            for pending in codes.values():  # a refused blob leaves no work behind
+                pending.cancel()
         return [(k, v) for k, v in kv]
 
-    def decoded_codes(self, geo: CacheGeometry, sections: dict[str, bytes]):
-        """``((kind, g), codes [n, k] int32)`` for every coded section, in order. Sequential on purpose: decoding
-        the next section in a worker thread while this one is reconstructed was measured no faster on two cores,
-        since constriction's decoder holds the GIL and the torch thread then waits out the switch interval."""
+    def decode_sections(self, geo: CacheGeometry, sections: dict[str, bytes]) -> dict[tuple[str, int], Future]:
+        """Every coded section's codes ``[n, k]`` int32, as futures in coding order: on worker threads when the
+        stage releases the GIL (``rans``), else computed here in turn (``constriction`` holds the GIL, and a thread
+        then only waits out the switch interval: measured no faster)."""
+        out: dict[tuple[str, int], Future] = {}
+        pool = section_pool() if self.stage.releases_gil else None
         for kind in KINDS:
             for g in range(len(self.groups)):
-                models = self.quantizers[(kind, g)].models
-                yield (kind, g), torch.from_numpy(self.stage.decode(sections[f"{kind}{g}"], geo.middle_tokens, models))
+                args = (sections[f"{kind}{g}"], geo.middle_tokens, self.quantizers[(kind, g)].models)
+                out[(kind, g)] = pool.submit(self.stage.decode, *args) if pool else _done(self.stage.decode, *args)
+        return out
 
     # --- accounting ---------------------------------------------------------------------------------------
     def stats(self, blob: bytes) -> dict:
@@ -363,6 +403,29 @@ class KVTCCodec:
             "target_ratio": self.ratio,
             "entropy": self.stage.name,
         }
+
+
+_POOL: list[ThreadPoolExecutor] = []
+
+
+def section_pool() -> ThreadPoolExecutor:
+    """The process's entropy-stage threads (as many as torch's intra-op threads, at least 2), made on first use."""
+    if not _POOL:
+        _POOL.append(ThreadPoolExecutor(max(2, torch.get_num_threads()), thread_name_prefix="kvcal-entropy"))
+    return _POOL[0]
+
+
+os.register_at_fork(after_in_child=_POOL.clear)  # a forked child has none of its parent's threads
+
+
+def _done(fn, *args) -> Future:
+    """``fn(*args)`` run now, as a finished future (its exception kept for ``result()``, as a pool's would be)."""
+    future: Future = Future()
+    try:
+        future.set_result(fn(*args))
+    except BaseException as err:  # noqa: BLE001 - re-raised by result()
+        future.set_exception(err)
+    return future
 
 
 def _flat_bytes(t: torch.Tensor) -> torch.Tensor:

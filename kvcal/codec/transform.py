@@ -14,6 +14,7 @@ import torch
 
 from kvcal.adapters import KVLayout, ModelAdapter
 from kvcal.codec.geometry import CacheGeometry
+from kvcal.codec.rope_rows import rotate_rows, unrotate_rows
 from kvcal.fit.metric import weighted_columns
 
 
@@ -60,8 +61,14 @@ def layer_slices(layout: KVLayout, kind: str, layers: tuple[int, ...]) -> dict[i
     return {layer: slice(i * width, (i + 1) * width) for i, layer in enumerate(layers)}
 
 
-def middle_rows(kv, geo: CacheGeometry, adapter: ModelAdapter, kind: str, layers: tuple[int, ...]) -> torch.Tensor:
-    """Middle tokens of every batch item as rows ``[N, p]``, position-free, float32, item-major."""
+def middle_rows(kv, geo: CacheGeometry, adapter: ModelAdapter, kind: str, layers: tuple[int, ...],
+                rotary_dim: int | None = None) -> torch.Tensor:
+    """Middle tokens of every batch item as rows ``[N, p]``, position-free, float32, item-major.
+
+    ``rotary_dim`` as for ``scatter_middle``: the group's rows are gathered as cached, then un-rotated in one pass
+    (``kvcal.codec.rope_rows``: the adapter's own expression, the same bits); None: layer by layer via
+    ``position_free``.
+    """
     first = kv[layers[0]][0 if kind == "k" else 1]
     heads, d = first.shape[1], first.shape[3]
     rows = torch.empty(geo.middle_tokens, len(layers) * heads * d, dtype=torch.float32, device=first.device)
@@ -71,32 +78,54 @@ def middle_rows(kv, geo: CacheGeometry, adapter: ModelAdapter, kind: str, layers
         if hi <= lo:
             continue
         positions = geo.positions(item, lo, hi, first.device)  # one tensor: the adapter reuses its RoPE factors
+        block = rows[row : row + hi - lo].view(hi - lo, len(layers) * heads, d)
+        raw = torch.empty_like(block) if rotary_dim else block
         for i, layer in enumerate(layers):
-            t = kv[layer][0 if kind == "k" else 1][item : item + 1, :, lo:hi]
-            t = adapter.position_free(kind, t, layer, positions)
+            t = kv[layer][0 if kind == "k" else 1][item, :, lo:hi]
+            if rotary_dim is None:
+                t = adapter.position_free(kind, t[None], layer, positions)[0]
             # Straight into the row block (tokens, heads x dims): one copy instead of a reshape and a concatenation.
-            rows[row : row + hi - lo, i * heads * d : (i + 1) * heads * d].view(hi - lo, heads, d).copy_(t[0].permute(1, 0, 2))
+            raw[:, i * heads : (i + 1) * heads].copy_(t.permute(1, 0, 2))
+        if rotary_dim:
+            cos, sin = adapter.cos_sin(layers[0], positions)
+            unrotate_rows(block, raw, cos[0].to(block.device), sin[0].to(block.device))
         row += hi - lo
     return rows
 
 
 def scatter_middle(kv, geo: CacheGeometry, adapter: ModelAdapter, kind: str, layers: tuple[int, ...],
-                   projection: Projection, coords: torch.Tensor, layout: KVLayout) -> None:
-    """Decode ``coords`` (rows as ``middle_rows`` made them) into the middle of ``kv``'s tensors, in place."""
+                   projection: Projection, coords: torch.Tensor, layout: KVLayout, rotary_dim: int | None = None) -> None:
+    """Decode ``coords`` (rows as ``middle_rows`` made them) into the middle of ``kv``'s tensors, in place.
+
+    ``rotary_dim`` (``KVTCCodec.group_rotary_dim``): when every layer of the group is plain half-split RoPE from
+    one table (0: no RoPE), the whole group is re-positioned in one pass over its contiguous decoded rows, with
+    the same float32 expression as the adapter's (``kvcal.codec.rope_rows``), so the same bits; None: layer by
+    layer through ``adapter.at_positions``.
+    """
     heads, d = layout.num_kv_heads, head_dim(layout, kind)
     # Every layer of the group in one matmul: a column slice of the decoder per layer is a strided operand and
-    # as many small calls (measured: about 2x the time of the one product).
-    decoded = coords @ projection.decoder + projection.mean
+    # as many small calls (measured: about 2x the time of the one product). The mean rides in it (addmm): a
+    # separate addition would be one more pass over every decoded row.
+    decoded = torch.addmm(projection.mean, coords, projection.decoder)
     row = 0
     for item in range(geo.batch):
         lo, hi = geo.middle(item)
         if hi <= lo:
             continue
         positions = geo.positions(item, lo, hi, coords.device)
-        for layer in layers:
-            sl = projection.layer_slices[layer]
-            t = decoded[row : row + hi - lo, sl].reshape(hi - lo, heads, d).permute(1, 0, 2)[None]
-            t = adapter.at_positions(kind, t, layer, positions)
-            target = kv[layer][0 if kind == "k" else 1]
-            target[item, :, lo:hi] = t[0].to(target.dtype)
+        block = decoded[row : row + hi - lo]
+        if rotary_dim is not None:
+            rows = block.view(hi - lo, len(layers) * heads, d)
+            if rotary_dim:
+                cos, sin = adapter.cos_sin(layers[0], positions)
+                rows = rotate_rows(torch.empty_like(rows), rows, cos[0].to(rows.device), sin[0].to(rows.device))
+            for i, layer in enumerate(layers):
+                target = kv[layer][0 if kind == "k" else 1]
+                target[item, :, lo:hi] = rows[:, i * heads : (i + 1) * heads].permute(1, 0, 2)
+        else:
+            for layer in layers:
+                t = block[:, projection.layer_slices[layer]].reshape(hi - lo, heads, d).permute(1, 0, 2)[None]
+                t = adapter.at_positions(kind, t, layer, positions)
+                target = kv[layer][0 if kind == "k" else 1]
+                target[item, :, lo:hi] = t[0].to(target.dtype)
         row += hi - lo

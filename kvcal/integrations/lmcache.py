@@ -44,6 +44,7 @@ from pathlib import Path
 
 import torch
 
+from kvcal.codec.entropy import DEFAULT_ENTROPY
 from kvcal.codec.geometry import DTYPES, dtype_name
 from kvcal.codec.kvtc import KVTCCodec
 from kvcal.errors import ArtifactError, BitstreamError, KvcalError
@@ -86,8 +87,8 @@ class KvtcSerdeConfig:
     artifact's ratios (default: its smallest).
     ``chunk_size``: LMCache's chunk size (chunk offsets are its multiples). ``positions``: ``"auto"`` (metadata,
     else estimate), ``"estimate"`` or ``"zero"`` (un-rotate as if every chunk began at 0). ``max_position``: the
-    estimate's search range (default: the model's ``max_position_embeddings``). ``entropy``: ``"ans"`` or
-    ``"zstd"``. ``max_workers``: LMCache's thread pool for this serde.
+    estimate's search range (default: the model's ``max_position_embeddings``). ``entropy``: ``"rans"`` (default),
+    ``"ans"`` or ``"zstd"``. ``max_workers``: LMCache's thread pool for this serde.
     """
 
     artifact: str
@@ -96,7 +97,7 @@ class KvtcSerdeConfig:
     chunk_size: int = 256
     positions: str = "auto"
     max_position: int | None = None
-    entropy: str = "ans"
+    entropy: str = DEFAULT_ENTROPY
     max_workers: int = 1
 
     @classmethod
