@@ -339,8 +339,8 @@ def test_dispatch_falls_back_for_adapters_the_kernels_do_not_model():
             return super().position_free(kind, x, layer_idx, positions)
 
     fake = Shifted.__new__(Shifted)
-    assert kernels.kernel_rotary_dim(fake, "k", (0, 1)) is None
-    assert kernels.kernel_rotary_dim(fake, "v", (0, 1)) is None
+    assert kernels.group_rotary_dim(fake, "k", (0, 1)) is None
+    assert kernels.group_rotary_dim(fake, "v", (0, 1)) is None
 
 
 def test_dot_precision_is_ieee_unless_asked(monkeypatch):

@@ -122,7 +122,7 @@ class KVTCCodec:
         """Rotary dims every layer of group ``g`` shares (0: none), or None when the adapter's ``at_positions`` is
         not plain half-split RoPE with one table for the group (the group is then re-positioned layer by layer)."""
         if (kind, g) not in self._rotary:  # asked per layer and step by KVTCCache: answered once
-            self._rotary[(kind, g)] = kernels.kernel_rotary_dim(self.adapter, kind, self.groups[g])
+            self._rotary[(kind, g)] = kernels.group_rotary_dim(self.adapter, kind, self.groups[g])
         return self._rotary[(kind, g)]
 
     def kernel_rotary_dim(self, kind: str, g: int, device: torch.device) -> int | None:
@@ -209,7 +209,6 @@ class KVTCCodec:
         # next group is projected; the exact tokens are gathered and zstd-compressed here while the last one codes.
         pending: list[tuple[str, Future]] = []
         if geo.middle_tokens:
-            pool = section_pool() if self.stage.releases_gil else None
             for kind in KINDS:
                 for g in range(len(self.groups)):
                     rot = self.kernel_rotary_dim(kind, g, kv[0][0].device)
@@ -218,8 +217,7 @@ class KVTCCodec:
                     else:
                         rows = middle_rows(kv, geo, self.adapter, kind, self.groups[g], self.group_rotary_dim(kind, g))
                         codes = self.quantize_rows(kind, g, rows)
-                    args = (codes, self.quantizers[(kind, g)].models)
-                    pending.append((f"{kind}{g}", pool.submit(self.stage.encode, *args) if pool else _done(self.stage.encode, *args)))
+                    pending.append((f"{kind}{g}", self.entropy_job(self.stage.encode, codes, self.quantizers[(kind, g)].models)))
         on_host = kv[0][0].device.type == "cpu"
         as_part = tensor_bytes if on_host else _flat_bytes  # off the CPU: gathered there, one copy to the host
         exact_parts = []
@@ -368,16 +366,23 @@ class KVTCCodec:
         return [(k, v) for k, v in kv]
 
     def decode_sections(self, geo: CacheGeometry, sections: dict[str, bytes]) -> dict[tuple[str, int], Future]:
-        """Every coded section's codes ``[n, k]`` int32, as futures in coding order: on worker threads when the
-        stage releases the GIL (``rans``), else computed here in turn (``constriction`` holds the GIL, and a thread
-        then only waits out the switch interval: measured no faster)."""
-        out: dict[tuple[str, int], Future] = {}
-        pool = section_pool() if self.stage.releases_gil else None
-        for kind in KINDS:
-            for g in range(len(self.groups)):
-                args = (sections[f"{kind}{g}"], geo.middle_tokens, self.quantizers[(kind, g)].models)
-                out[(kind, g)] = pool.submit(self.stage.decode, *args) if pool else _done(self.stage.decode, *args)
-        return out
+        """Every coded section's codes ``[n, k]`` int32, as futures in coding order (``entropy_job``)."""
+        return {(kind, g): self.entropy_job(self.stage.decode, sections[f"{kind}{g}"], geo.middle_tokens,
+                                            self.quantizers[(kind, g)].models)
+                for kind in KINDS for g in range(len(self.groups))}
+
+    def entropy_job(self, fn, *args) -> Future:
+        """``fn(*args)`` (the entropy stage's encode or decode) as a future: on a worker thread when the stage
+        releases the GIL (``rans``), else run here at once (``constriction`` holds the GIL, and a thread then only
+        waits out the switch interval: measured no faster)."""
+        if self.stage.releases_gil:
+            return section_pool().submit(fn, *args)
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args))
+        except BaseException as err:  # noqa: BLE001 - re-raised by result(), as a pool's would be
+            future.set_exception(err)
+        return future
 
     # --- accounting ---------------------------------------------------------------------------------------
     def stats(self, blob: bytes) -> dict:
@@ -416,16 +421,6 @@ def section_pool() -> ThreadPoolExecutor:
 
 
 os.register_at_fork(after_in_child=_POOL.clear)  # a forked child has none of its parent's threads
-
-
-def _done(fn, *args) -> Future:
-    """``fn(*args)`` run now, as a finished future (its exception kept for ``result()``, as a pool's would be)."""
-    future: Future = Future()
-    try:
-        future.set_result(fn(*args))
-    except BaseException as err:  # noqa: BLE001 - re-raised by result()
-        future.set_exception(err)
-    return future
 
 
 def _flat_bytes(t: torch.Tensor) -> torch.Tensor:

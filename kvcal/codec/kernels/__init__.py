@@ -81,9 +81,10 @@ def use_kernels(mode: str, device: torch.device) -> bool:
     return True
 
 
-def kernel_rotary_dim(adapter, kind: str, layers: tuple[int, ...]) -> int | None:
-    """Rotary dims the kernels undo/redo for ``kind`` of this group (0: none), or None when they cannot model the
-    adapter's ``position_free`` (the codec then keeps the torch path for the group)."""
+def group_rotary_dim(adapter, kind: str, layers: tuple[int, ...]) -> int | None:
+    """Rotary dims every layer of this group shares for ``kind`` (0: none), when the adapter's ``position_free`` is
+    plain half-split RoPE from one table; None otherwise. The kernels undo/redo exactly that, and the torch path
+    then re-positions the whole group in one pass (``kvcal.codec.rope_rows``); on None both go layer by layer."""
     from kvcal.adapters.base import ModelAdapter as Base
 
     cls = type(adapter)
