@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import kvcal  # noqa: E402
 from kvcal.cache import KVTCCache, dynamic_cache_bytes  # noqa: E402
 from kvcal.codec.kvtc import KINDS, cache_tensors  # noqa: E402
-from kvcal.codec.transform import middle_rows  # noqa: E402
+from kvcal.codec.transform import centred_middle_rows  # noqa: E402
 from kvcal.data import bundled_corpus, bundled_model, load_texts, token_stream  # noqa: E402
 from kvcal.models import load_model  # noqa: E402
 
@@ -52,9 +52,14 @@ def stage_times(codec, cache, repeats: int, sync) -> dict[str, float]:
     kv, sliding = cache_tensors(cache)
     geo = codec.geometry(kv, None, sliding, None)
     keys = [(kind, g) for kind in KINDS for g in range(len(codec.groups))]
-    rows = {key: middle_rows(kv, geo, codec.adapter, key[0], codec.groups[key[1]], codec.group_rotary_dim(*key)) for key in keys}
-    proj = {key: codec.projections[key].to(rows[key].device) for key in keys}
-    coords = {key: proj[key].project(rows[key]) for key in keys}
+    proj = {key: codec.placed(*key, kv[0][0].device)[0] for key in keys}
+
+    def gather(key):  # as compress does it: gathered, un-rotated, centred and checked finite in one pass
+        return centred_middle_rows(kv, geo, codec.adapter, key[0], codec.groups[key[1]], codec.group_rotary_dim(*key),
+                                   proj[key].mean)[0]
+
+    rows = {key: gather(key) for key in keys}
+    coords = {key: proj[key].project_centred(rows[key]) for key in keys}
     codes = {key: codec.quantizers[key].quantize(coords[key]).numpy() for key in keys}
     payload = {key: codec.stage.encode(codes[key], codec.quantizers[key].models) for key in keys}
     n = rows[keys[0]].shape[0]
@@ -65,9 +70,8 @@ def stage_times(codec, cache, repeats: int, sync) -> dict[str, float]:
             torch.addmm(proj[key].mean, coords[key], proj[key].decoder)
 
     out = {
-        "gather_rows": timed(lambda: [middle_rows(kv, geo, codec.adapter, k, codec.groups[g], codec.group_rotary_dim(k, g))
-                                      for k, g in keys], repeats, sync)[0],
-        "project_matmul": timed(lambda: [proj[key].project(rows[key]) for key in keys], repeats, sync)[0],
+        "gather_rows": timed(lambda: [gather(key) for key in keys], repeats, sync)[0],
+        "project_matmul": timed(lambda: [proj[key].project_centred(rows[key]) for key in keys], repeats, sync)[0],
         "quantize": timed(lambda: [codec.quantizers[key].quantize(coords[key]) for key in keys], repeats, sync)[0],
         "entropy_encode": timed(lambda: [codec.stage.encode(codes[key], codec.quantizers[key].models) for key in keys],
                                 repeats, sync)[0],

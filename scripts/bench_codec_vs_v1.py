@@ -31,6 +31,7 @@ WORKER = r"""
 import json, sys, time
 root, tokens, repeats, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 ratios = [float(r) for r in sys.argv[5].split(",")]
+dtypes = sys.argv[6].split(",")
 sys.path.insert(0, root)
 import torch
 torch.set_num_threads(threads)
@@ -43,22 +44,24 @@ ids = token_stream(tok, load_texts([bundled_corpus("eval")]))[:tokens][None]
 with torch.no_grad():
     cache = model(input_ids=ids, use_cache=True).past_key_values
 out = {}
-for ratio in ratios:
-    codec = kvcal.load(model_dir, ratio=ratio, model=model)
-    blob = codec.compress(cache)
-    codec.decompress(blob)  # warm-up: tables, compiled kernels, thread pool
-    comp, decomp = [], []
-    for _ in range(repeats):
-        t = time.perf_counter(); codec.compress(cache); comp.append(time.perf_counter() - t)
-        t = time.perf_counter(); codec.decompress(blob); decomp.append(time.perf_counter() - t)
-    out[str(ratio)] = {"compress_s": min(comp), "decompress_s": min(decomp), "blob_bytes": len(blob)}
+for dtype in dtypes:
+    kv = [(layer.keys.to(getattr(torch, dtype)), layer.values.to(getattr(torch, dtype))) for layer in cache.layers]
+    for ratio in ratios:
+        codec = kvcal.load(model_dir, ratio=ratio, model=model)
+        blob = codec.compress(kv)
+        codec.decompress(blob)  # warm-up: tables, compiled kernels, thread pool
+        comp, decomp = [], []
+        for _ in range(repeats):
+            t = time.perf_counter(); codec.compress(kv); comp.append(time.perf_counter() - t)
+            t = time.perf_counter(); codec.decompress(blob); decomp.append(time.perf_counter() - t)
+        out[f"{dtype}/{ratio}"] = {"compress_s": min(comp), "decompress_s": min(decomp), "blob_bytes": len(blob)}
 print("RESULT " + json.dumps(out))
 """
 
 
 def run_worker(root: Path, args) -> dict:
     cmd = [sys.executable, "-c", WORKER, str(root), str(args.tokens), str(args.repeats), str(args.threads),
-           ",".join(str(r) for r in args.ratios)]
+           ",".join(str(r) for r in args.ratios), ",".join(args.dtypes)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root, check=False)
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
     if proc.returncode or line is None:
@@ -74,6 +77,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--ratios", type=float, nargs="+", default=[16.0, 64.0])
+    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16", "float16"],
+                    help="cache dtypes (the reference models run in float32; serving caches are mostly bf16)")
     ap.add_argument("--out-dir", type=Path, default=ROOT / "results")
     args = ap.parse_args()
 
@@ -91,9 +96,9 @@ def main() -> None:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(v1)], check=False)
 
     rows = []
-    for ratio in args.ratios:
-        key = str(ratio)
-        row = {"ratio": ratio}
+    for dtype, ratio in [(d, r) for d in args.dtypes for r in args.ratios]:
+        key = f"{dtype}/{ratio}"
+        row = {"dtype": dtype, "ratio": ratio}
         for name in ("v1", "v2"):
             for what in ("compress", "decompress"):
                 per_round = [r[key][f"{what}_s"] * 1e3 for r in runs[name]]
@@ -104,6 +109,7 @@ def main() -> None:
             row[f"{what}_v2_over_v1"] = round(row[f"v2_{what}_ms_min"] / row[f"v1_{what}_ms_min"], 3)
         rows.append(row)
     result = {"command": "python " + " ".join(sys.argv), "v1_commit": args.v1_commit, "rounds": args.rounds,
+              "dtypes": args.dtypes,
               "repeats": args.repeats, "tokens": args.tokens, "threads": args.threads,
               "machine": platform.processor() or platform.machine(), "rows": rows, "runs": runs}
     args.out_dir.mkdir(parents=True, exist_ok=True)
@@ -111,10 +117,10 @@ def main() -> None:
     md = [f"Codec v2 (this tree) against v1 (commit {args.v1_commit}) on kvcal-ref-llama, 1 x {args.tokens} tokens, "
           f"CPU, {args.threads} threads; {args.rounds} alternating rounds of one process each, {args.repeats} "
           f"compressions and decompressions per ratio per process. `{result['command']}`", "",
-          "| ratio | compress ms v1 | compress ms v2 | v2 / v1 | decompress ms v1 | decompress ms v2 | v2 / v1 |",
-          "|---|---:|---:|---:|---:|---:|---:|"]
+          "| cache dtype | ratio | compress ms v1 | compress ms v2 | v2 / v1 | decompress ms v1 | decompress ms v2 | v2 / v1 |",
+          "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        md.append(f"| {r['ratio']:g} | {r['v1_compress_ms_min']} ({r['v1_compress_ms_median']}) | "
+        md.append(f"| {r['dtype']} | {r['ratio']:g} | {r['v1_compress_ms_min']} ({r['v1_compress_ms_median']}) | "
                   f"{r['v2_compress_ms_min']} ({r['v2_compress_ms_median']}) | {r['compress_v2_over_v1']} | "
                   f"{r['v1_decompress_ms_min']} ({r['v1_decompress_ms_median']}) | "
                   f"{r['v2_decompress_ms_min']} ({r['v2_decompress_ms_median']}) | {r['decompress_v2_over_v1']} |")

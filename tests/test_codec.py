@@ -96,8 +96,8 @@ def test_whole_group_rope_gives_the_per_layer_bits(calibrated, family):
 
 @pytest.mark.parametrize("where", ["middle", "window", "inf"])
 def test_non_finite_caches_are_refused(calibrated, where):
-    """Finiteness is checked after the sections are coded (it overlaps the last entropy coding), still before any
-    blob is returned: NaN or inf anywhere is a one-line KvcalError."""
+    """Finiteness is checked as the middle is gathered and on the exact tokens (the CPU path), before any blob is
+    returned: NaN or inf anywhere is a one-line KvcalError (``test_codec_cpu_paths`` covers the other places)."""
     model_dir = calibrated("llama")
     model, cache = prefill(model_dir, n=120)
     kv = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]

@@ -153,13 +153,28 @@ class ModelAdapter:
         need = int(positions.max()) + 1
         if int(positions.min()) < 0 or need > _MAX_TABLE_POSITIONS:
             return self._rotary_cos_sin(layer_idx, positions.to(device))
-        key = (self.layer_type(layer_idx) if self._rotary_takes_layer_type else "", str(positions.device))
+        table = self._rope_table(layer_idx, need, positions.device)
+        return table[0][positions], table[1][positions]
+
+    def cos_sin_span(self, layer_idx: int, start: int, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``cos_sin`` of positions ``start .. start + n - 1`` as ``[n, rotary_dim]`` each: views of the cached table
+        where there is one (no gather), else computed. Same values either way."""
+        end = start + n
+        if self._rope_cacheable and n > 0 and 0 <= start and end <= _MAX_TABLE_POSITIONS:
+            cos, sin = self._rope_table(layer_idx, end, torch.device(device))
+            return cos[start:end], sin[start:end]
+        cos, sin = self.cos_sin(layer_idx, torch.arange(start, end, device=device)[None])
+        return cos[0], sin[0]
+
+    def _rope_table(self, layer_idx: int, need: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cached ``cos``, ``sin`` ``[size, rot]`` of positions ``0 .. size - 1`` on ``device``, ``size >= need``."""
+        key = (self.layer_type(layer_idx) if self._rotary_takes_layer_type else "", str(device))
         table = self._rope_tables.get(key)
         if table is None or table[0].shape[0] < need:
             size = min(_MAX_TABLE_POSITIONS, max(need, 2 * (table[0].shape[0] if table is not None else 2048)))
             cos, sin = self._host_cos_sin(layer_idx, torch.arange(size)[None])
-            table = self._rope_tables[key] = (cos[0].to(positions.device), sin[0].to(positions.device))
-        return table[0][positions], table[1][positions]
+            table = self._rope_tables[key] = (cos[0].to(device), sin[0].to(device))
+        return table
 
     def _host_cos_sin(self, layer_idx: int, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if next(self.rotary.buffers()).device.type == "cpu":

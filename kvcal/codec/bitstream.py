@@ -286,17 +286,46 @@ def read_blob(
     shapes it has validated — and is
     checked before anything is decompressed, so a blob cannot make the reader allocate more than its shapes imply.
     """
+    header, sections = read_blob_lazily(blob, limits, expect_raw_bytes)
+    return header, {name: sections[name] for name in sections}
+
+
+def read_blob_lazily(
+    blob: bytes | bytearray | memoryview,
+    limits: Limits = Limits(),
+    expect_raw_bytes: Callable[[dict[str, Any]], Mapping[str, int | tuple[int, int]]] | None = None,
+) -> tuple[dict[str, Any], LazySections]:
+    """``read_blob``, except that each section is decoded (a zstd one decompressed) when first looked up, so that a
+    caller can start work on some sections before it pays for the others. Every check ``read_blob`` makes before
+    decompressing (magic, version, CRC, header, section table, expected sizes) is made before this returns; a
+    section's own decoding errors are raised at its lookup."""
     layout = _parse_layout(blob, limits)
     if expect_raw_bytes is not None:
         _check_expected_raw_bytes(layout, expect_raw_bytes)
-    decompressor = zstandard.ZstdDecompressor()
-    decoded = {
-        section.name: _decode_section(
-            layout.payload[section.offset : section.offset + section.stored], section, decompressor
-        )
-        for section in layout.sections
-    }
-    return layout.header, decoded
+    return layout.header, LazySections(layout)
+
+
+class LazySections(Mapping[str, bytes]):
+    """A validated blob's sections by name, in blob order, each decoded once, on first lookup."""
+
+    def __init__(self, layout: _Layout) -> None:
+        self._layout = layout
+        self._by_name = {section.name: section for section in layout.sections}
+        self._decoded: dict[str, bytes] = {}
+        self._decompressor = zstandard.ZstdDecompressor()
+
+    def __getitem__(self, name: str) -> bytes:
+        if name not in self._decoded:
+            section = self._by_name[name]
+            stored = self._layout.payload[section.offset : section.offset + section.stored]
+            self._decoded[name] = _decode_section(stored, section, self._decompressor)
+        return self._decoded[name]
+
+    def __iter__(self):
+        return iter(self._by_name)
+
+    def __len__(self) -> int:
+        return len(self._by_name)
 
 
 def section_sizes(blob: bytes | bytearray | memoryview, limits: Limits = Limits()) -> dict[str, dict[str, Any]]:

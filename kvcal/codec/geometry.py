@@ -73,8 +73,12 @@ class CacheGeometry:
 
     def positions(self, item: int, lo: int, hi: int, device) -> torch.Tensor:
         """True positions ``[1, hi - lo]`` of cache indices ``lo..hi`` of ``item``."""
-        start = self.offsets[item] + lo - self.pads[item]
+        start = self.first_position(item, lo)
         return torch.arange(start, start + hi - lo, device=device)[None]
+
+    def first_position(self, item: int, lo: int) -> int:
+        """True position of cache index ``lo`` of ``item``."""
+        return self.offsets[item] + lo - self.pads[item]
 
     def header_fields(self) -> dict:
         return {

@@ -4,8 +4,14 @@ Sink tokens, the recent window and sliding-window layers are stored bit-exactly.
 transform-coded (``kvcal.codec.transform``): keys un-rotated at their true positions, the layers of a PCA group
 concatenated per token, centred and projected on the basis columns the ratio keeps; each coordinate is rounded
 with its calibrated step (``kvcal.codec.quantize``: nothing stored per token) and entropy-coded under its
-calibrated symbol model (``kvcal.codec.entropy``: ANS by default, zstd for comparison). The container
-(``kvcal.codec.bitstream``) carries a header (``kvcal.codec.geometry``) validated before any payload is read.
+calibrated symbol model (``kvcal.codec.entropy``: kvcal's own rANS by default; constriction's ANS and zstd for
+comparison). The exact tokens' layout is ``kvcal.codec.exact``. The container (``kvcal.codec.bitstream``) carries a
+header (``kvcal.codec.geometry``) validated before any payload is read.
+
+On the CPU the work is split between this thread and the section pool's workers (``section_pool``): a group's rows
+are gathered, un-rotated and centred in one compiled pass (``kvcal.codec.rope_rows``) and projected here, while a
+worker quantizes and entropy-codes the group before; decoding runs the other way round. Blobs and decoded caches
+are the same bits whichever path or thread did the work.
 
 Batches may hold sequences of different lengths with left padding: pass the 2-D ``attention_mask``; pad slots are
 not stored and come back as zeros (they are masked anyway).
@@ -17,6 +23,7 @@ import hashlib
 import json
 import math
 import os
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -28,8 +35,17 @@ from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 from kvcal.adapters import KVLayout, ModelAdapter
 from kvcal.artifact import Artifact, ratio_key
 from kvcal.codec import kernels
-from kvcal.codec.bitstream import Limits, read_blob, require_str, section_sizes, write_blob, zstd_frame
+from kvcal.codec.bitstream import (
+    Limits,
+    read_blob,
+    read_blob_lazily,
+    require_str,
+    section_sizes,
+    write_blob,
+    zstd_frame,
+)
 from kvcal.codec.entropy import DEFAULT_ENTROPY, ENTROPY_STAGES, entropy_stage
+from kvcal.codec.exact import gather_exact, host_all_finite, host_bits, scatter_exact
 from kvcal.codec.geometry import (
     BLOB_KIND,
     DTYPES,
@@ -41,7 +57,7 @@ from kvcal.codec.geometry import (
 )
 from kvcal.codec.kernels import check_mode as check_kernel_mode
 from kvcal.codec.quantize import CoordinateQuantizer
-from kvcal.codec.transform import Projection, head_dim, middle_rows, projection_for, scatter_middle
+from kvcal.codec.transform import Projection, centred_middle_rows, head_dim, projection_for, scatter_middle
 from kvcal.errors import BitstreamError, KvcalError
 
 KINDS = ("k", "v")
@@ -202,43 +218,52 @@ class KVTCCodec:
     def compress(self, cache, attention_mask: torch.Tensor | None = None, position_offsets: list[int] | None = None) -> bytes:
         """A ``DynamicCache`` (or a list of per-layer ``(keys, values)``) -> bytes."""
         kv, sliding = cache_tensors(cache)
-        # Finiteness is checked last, while the last section's entropy coding runs on its worker; until then a NaN
-        # only meets ``quantize``'s clipping, and the cache is refused before any blob leaves.
+        # Finiteness is checked as the values are read (the CPU path) or at the end; until then a NaN only meets
+        # ``quantize``'s clipping, and the cache is refused before any blob leaves.
         geo = self.geometry(kv, attention_mask, sliding, position_offsets, check_finite=False)
-        # Each coded section's entropy coding runs on a worker thread (where the stage releases the GIL) while the
-        # next group is projected; the exact tokens are gathered and zstd-compressed here while the last one codes.
+        # Work runs on the section pool's threads beside the main thread's: the exact tokens' zstd frame while the
+        # first group is gathered, and each coded section's quantizing and entropy coding (where the stage
+        # releases the GIL) while the next group is gathered and projected.
+        exact_t = gather_exact(kv, geo, self.layout)
+        exact = host_bits(exact_t) if exact_t.device.type == "cpu" else tensor_bytes(exact_t)
+        exact_job = section_pool().submit(zstd_frame, exact, self.zstd_level)
         pending: list[tuple[str, Future]] = []
+        middle_checked = True  # whether every middle value was checked finite as it was read
         if geo.middle_tokens:
+            device = kv[0][0].device
             for kind in KINDS:
                 for g in range(len(self.groups)):
-                    rot = self.kernel_rotary_dim(kind, g, kv[0][0].device)
+                    rot = self.kernel_rotary_dim(kind, g, device)
                     if rot is not None:  # fused un-rotate + centre + project + quantize on the device
                         codes = kernels.encode_group(self, kv, geo, kind, g, rot).cpu().numpy()
+                        job = self.entropy_job(self.stage.encode, codes, self.quantizers[(kind, g)].models)
+                        middle_checked = False
                     else:
-                        rows = middle_rows(kv, geo, self.adapter, kind, self.groups[g], self.group_rotary_dim(kind, g))
-                        codes = self.quantize_rows(kind, g, rows)
-                    pending.append((f"{kind}{g}", self.entropy_job(self.stage.encode, codes, self.quantizers[(kind, g)].models)))
-        on_host = kv[0][0].device.type == "cpu"
-        as_part = tensor_bytes if on_host else _flat_bytes  # off the CPU: gathered there, one copy to the host
-        exact_parts = []
-        for layer, (k, v) in enumerate(kv):
-            for t in (k, v):
-                if layer in self.layout.exact_layers:
-                    exact_parts.append(as_part(t))
-                    continue
-                for item in range(geo.batch):
-                    lo, hi = geo.middle(item)
-                    exact_parts.append(as_part(t[item, :, geo.pads[item] : lo]))
-                    exact_parts.append(as_part(t[item, :, hi:]))
-        exact = b"".join(exact_parts) if on_host else tensor_bytes(torch.cat(exact_parts)) if exact_parts else b""
-        exact_stored = zstd_frame(exact, self.zstd_level)
-        self.check_finite(kv)
+                        projection, quantizer = self.placed(kind, g, device)
+                        rows, finite = centred_middle_rows(kv, geo, self.adapter, kind, self.groups[g],
+                                                           self.group_rotary_dim(kind, g), projection.mean)
+                        if finite is False:
+                            self.check_finite(kv)  # names the layer
+                        middle_checked = middle_checked and bool(finite)
+                        # Quantizing rides with the entropy coding on the worker, beside the next group's matmul.
+                        job = self.entropy_job(self.encode_coordinates, quantizer, projection.project_centred(rows))
+                    pending.append((f"{kind}{g}", job))
+        # Finite middle values were checked on the way (the CPU path), the exact tokens here; left padding (never
+        # stored) and the other paths fall back to checking the whole cache, as ever.
+        exact_finite = host_all_finite(exact_t) if exact_t.device.type == "cpu" else all_finite(exact_t)
+        if not (middle_checked and exact_finite and not any(geo.pads)):
+            self.check_finite(kv)
+        exact_stored = exact_job.result()
         sections = [("exact", exact)] + [(name, payload.result()) for name, payload in pending]
         compress_flags = [True] + [self.stage.container_zstd] * len(pending)
         header = {"kind": BLOB_KIND, "artifact_id": self.id, "ratio": ratio_key(self.ratio), "entropy": self.stage.name,
                   "model_type": self.artifact.fingerprint["model_type"], **geo.header_fields()}
         return write_blob(header, sections, zstd_level=self.zstd_level, compress=compress_flags,
                           compressed={"exact": exact_stored})
+
+    def encode_coordinates(self, quantizer: CoordinateQuantizer, coords: torch.Tensor) -> bytes:
+        """Kept coordinates ``[n, k]`` -> the entropy stage's bytes (quantized here: on the worker, no GIL)."""
+        return self.stage.encode(quantizer.quantize(coords).numpy(), quantizer.models)
 
     # --- decompress ---------------------------------------------------------------------------------------
     def read_geometry(self, header: dict) -> CacheGeometry:
@@ -284,19 +309,20 @@ class KVTCCodec:
                     sizes[f"{kind}{g}"] = self.stage.raw_size_bounds(n, len(models), models.min_token_bits)
         return sizes
 
-    def parse(self, blob: bytes) -> tuple[CacheGeometry, dict[str, bytes]]:
+    def parse(self, blob: bytes, lazy: bool = False) -> tuple[CacheGeometry, Mapping[str, bytes]]:
+        """The blob's geometry and its sections' raw bytes (``lazy``: each decoded on first lookup)."""
         geo_box: list[CacheGeometry] = []
 
         def expect(header: dict) -> dict:
             geo_box.append(self.read_geometry(header))
             return self.expected_raw_bytes(geo_box[0])
 
-        _, sections = read_blob(blob, Limits(), expect_raw_bytes=expect)
+        _, sections = (read_blob_lazily if lazy else read_blob)(blob, Limits(), expect_raw_bytes=expect)
         return geo_box[0], sections
 
     @torch.no_grad()
     def decompress(self, blob: bytes, device: str | torch.device = "cpu") -> DynamicCache:
-        geo, sections = self.parse(blob)
+        geo, sections = self.parse(blob, lazy=True)
         kv = self.decode_tensors(geo, sections, torch.device(device))
         layers = []
         for layer, (k, v) in enumerate(kv):
@@ -315,61 +341,69 @@ class KVTCCodec:
         cache.layers = layers
         return cache
 
-    def decode_tensors(self, geo: CacheGeometry, sections: dict[str, bytes], device: torch.device):
+    def decode_tensors(self, geo: CacheGeometry, sections: Mapping[str, bytes], device: torch.device):
         L = self.layout
         dtype = DTYPES[geo.dtype]
-        exact = torch.frombuffer(bytearray(sections["exact"]), dtype=dtype) if sections["exact"] else torch.zeros(0, dtype=dtype)
-        # Forged bytes (a recomputed CRC) can hold any bit pattern: a NaN or inf is refused, never returned.
-        if not all_finite(exact):
-            raise BitstreamError("kvcal blob: its exact tokens hold NaN or inf (forged or corrupted payload)")
-        # The entropy stage starts on every coded section now, in worker threads where it releases the GIL, and
-        # runs while the exact tokens are copied in below and earlier sections are reconstructed.
-        codes = self.decode_sections(geo, sections) if geo.middle_tokens else {}
+        # Two threads' work from the start, no more (torch's matmuls take both cores next): one worker decompresses
+        # the exact tokens' zstd frame, then entropy-decodes the coded sections after the first, in turn, while this
+        # thread decodes the first (where the stage releases the GIL; else all of them here, in turn).
+        coded = {(kind, g): sections[f"{kind}{g}"] for kind in KINDS for g in range(len(self.groups))
+                 if geo.middle_tokens}
+        exact_job: Future = Future()
+        codes = self.decode_sections(geo, coded, device, first=(exact_job, sections.__getitem__, ("exact",)))
         try:
-            exact = exact.to(device)  # one host-to-device copy; the slices below are views of it
+            if codes:
+                next(iter(codes.values())).result()
+            raw = exact_job.result()
+            exact = torch.frombuffer(bytearray(raw), dtype=dtype) if raw else torch.zeros(0, dtype=dtype)
+            # Forged bytes (a recomputed CRC) can hold any bit pattern: a NaN or inf is refused, never returned.
+            if not host_all_finite(exact):
+                raise BitstreamError("kvcal blob: its exact tokens hold NaN or inf (forged or corrupted payload)")
             # Uninitialised: every slot is written below (exact layers whole; coded layers as left padding, which
             # is zeroed, then sinks, middle and window), and zero-filling first would cost a pass over the cache.
             kv = allocate_cache(geo, L, dtype, device)
-            pos = 0
-
-            def take(shape) -> torch.Tensor:
-                nonlocal pos
-                count = math.prod(shape)
-                t = exact[pos : pos + count].reshape(shape)
-                pos += count
-                return t
-
-            for layer in range(L.num_layers):
-                for t in kv[layer]:
-                    if layer in L.exact_layers:
-                        t.copy_(take(t.shape))
-                        continue
-                    for item in range(geo.batch):
-                        lo, hi = geo.middle(item)
-                        h, d = t.shape[1], t.shape[3]
-                        t[item, :, : geo.pads[item]] = 0
-                        t[item, :, geo.pads[item] : lo] = take((h, lo - geo.pads[item], d))
-                        t[item, :, hi:] = take((h, geo.seq_len - hi, d))
+            scatter_exact(kv, exact.to(device), geo, L)  # one host-to-device copy where the cache is elsewhere
             for (kind, g), pending in codes.items():
-                section_codes = torch.from_numpy(pending.result())
+                decoded = pending.result()
                 rot = self.kernel_rotary_dim(kind, g, device)
                 if rot is not None:  # fused dequantize + project back + re-rotate, straight into the cache
-                    kernels.decode_group(self, kv, geo, kind, g, rot, section_codes.to(device, torch.int32).contiguous())
+                    kernels.decode_group(self, kv, geo, kind, g, rot, decoded.to(device, torch.int32).contiguous())
                     continue
                 projection, quantizer = self.placed(kind, g, device)
-                coords = quantizer.dequantize(section_codes, device)
+                coords = decoded if device.type == "cpu" else quantizer.dequantize(decoded, device)
                 scatter_middle(kv, geo, self.adapter, kind, self.groups[g], projection, coords, L,
                                rotary_dim=self.group_rotary_dim(kind, g))
         finally:
-            for pending in codes.values():  # a refused blob leaves no work behind
+            for pending in (exact_job, *codes.values()):  # a refused blob leaves no work behind
                 pending.cancel()
         return [(k, v) for k, v in kv]
 
-    def decode_sections(self, geo: CacheGeometry, sections: dict[str, bytes]) -> dict[tuple[str, int], Future]:
-        """Every coded section's codes ``[n, k]`` int32, as futures in coding order (``entropy_job``)."""
-        return {(kind, g): self.entropy_job(self.stage.decode, sections[f"{kind}{g}"], geo.middle_tokens,
-                                            self.quantizers[(kind, g)].models)
-                for kind in KINDS for g in range(len(self.groups))}
+    def decode_sections(self, geo: CacheGeometry, coded: Mapping[tuple[str, int], bytes], device: torch.device,
+                        first: tuple[Future, Callable, tuple] | None = None) -> dict[tuple[str, int], Future]:
+        """Every coded section (``coded``: its bytes by ``(kind, group)``), as futures in coding order: its float32
+        coordinates ``[n, k]`` where it is reconstructed on the CPU by torch (dequantized with it), else its int32
+        codes. The first is decoded on the calling thread when its result is first asked for; the others, after
+        ``first`` (a future and the call that settles it), in turn on one worker of the section pool where the
+        stage releases the GIL, else here at once."""
+        calls = [first] if first is not None else []
+        jobs: dict[tuple[str, int], Future] = {}
+        for i, ((kind, g), data) in enumerate(coded.items()):
+            args = (kind, g, data, geo.middle_tokens, device.type == "cpu" and self.kernel_rotary_dim(kind, g, device) is None)
+            if i == 0:
+                jobs[(kind, g)] = RunWhenAsked(self.decode_section, *args)
+            elif self.stage.releases_gil:
+                jobs[(kind, g)] = Future()
+                calls.append((jobs[(kind, g)], self.decode_section, args))
+            else:
+                jobs[(kind, g)] = self.entropy_job(self.decode_section, *args)
+        if calls:
+            section_pool().submit(_settle_in_turn, calls)
+        return jobs
+
+    def decode_section(self, kind: str, g: int, data: bytes, n: int, dequantize: bool) -> torch.Tensor:
+        quantizer = self.quantizers[(kind, g)]
+        codes = torch.from_numpy(self.stage.decode(data, n, quantizer.models))
+        return quantizer.dequantize(codes, "cpu") if dequantize else codes
 
     def entropy_job(self, fn, *args) -> Future:
         """``fn(*args)`` (the entropy stage's encode or decode) as a future: on a worker thread when the stage
@@ -410,6 +444,34 @@ class KVTCCodec:
         }
 
 
+def _settle_in_turn(calls: list[tuple[Future, Callable, tuple]]) -> None:
+    """Run each ``(future, fn, args)`` in order, settling its future (skipped if cancelled before its turn)."""
+    for future, fn, args in calls:
+        if future.set_running_or_notify_cancel():
+            try:
+                future.set_result(fn(*args))
+            except BaseException as err:  # noqa: BLE001 - re-raised by result(), as a pool's would be
+                future.set_exception(err)
+
+
+class RunWhenAsked(Future):
+    """A future computed on the thread that first asks for its result (and never, if cancelled before)."""
+
+    def __init__(self, fn, *args) -> None:
+        super().__init__()
+        self._call: tuple | None = (fn, args)
+
+    def result(self, timeout: float | None = None):
+        if self._call is not None and self.set_running_or_notify_cancel():
+            fn, args = self._call
+            self._call = None
+            try:
+                self.set_result(fn(*args))
+            except BaseException as err:  # noqa: BLE001 - re-raised by result(), as a pool's would be
+                self.set_exception(err)
+        return super().result(timeout)
+
+
 _POOL: list[ThreadPoolExecutor] = []
 
 
@@ -421,11 +483,6 @@ def section_pool() -> ThreadPoolExecutor:
 
 
 os.register_at_fork(after_in_child=_POOL.clear)  # a forked child has none of its parent's threads
-
-
-def _flat_bytes(t: torch.Tensor) -> torch.Tensor:
-    """``t``'s bytes as a flat uint8 tensor on its own device (a copy only where ``t`` is not contiguous)."""
-    return t.detach().contiguous().reshape(-1).view(torch.uint8)
 
 
 def allocate_cache(geo: CacheGeometry, L: KVLayout, dtype: torch.dtype, device: torch.device) -> list[list[torch.Tensor]]:

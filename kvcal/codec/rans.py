@@ -126,7 +126,7 @@ def decode(data: bytes, n: int, tables: RansTables) -> tuple[np.ndarray, int]:
 
 
 # --- compiled kernels -----------------------------------------------------------------------------------------
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, error_model="numpy")  # frequencies are >= 1: no zero-divisor branch
 def _encode(codes, cdf, offset, out):  # pragma: no cover - compiled
     # Backwards over coordinates and tokens, so that the decoder reads forwards; token i uses state i mod 4.
     n, k = codes.shape

@@ -14,7 +14,13 @@ import torch
 
 from kvcal.adapters import KVLayout, ModelAdapter
 from kvcal.codec.geometry import CacheGeometry
-from kvcal.codec.rope_rows import rotate_rows, unrotate_rows
+from kvcal.codec.rope_rows import (
+    fused_layer_path,
+    gather_centred_rows,
+    rotate_rows,
+    scatter_rotated_rows,
+    unrotate_rows,
+)
 from kvcal.fit.metric import weighted_columns
 
 
@@ -33,7 +39,11 @@ class Projection:
         return Projection(self.mean.to(device), self.encoder.to(device), self.decoder.to(device), self.layer_slices)
 
     def project(self, rows: torch.Tensor) -> torch.Tensor:
-        return (rows.float() - self.mean) @ self.encoder
+        return self.project_centred(rows.float() - self.mean)
+
+    def project_centred(self, centred: torch.Tensor) -> torch.Tensor:
+        """Rows with the mean already subtracted (``centred_middle_rows``) -> kept coordinates."""
+        return centred @ self.encoder
 
     def reconstruct_layer(self, coords: torch.Tensor, layer: int, heads: int, head_dim: int) -> torch.Tensor:
         """One layer's slice of the decoded rows, ``[n, heads, head_dim]`` (keys still position-free)."""
@@ -93,6 +103,42 @@ def middle_rows(kv, geo: CacheGeometry, adapter: ModelAdapter, kind: str, layers
     return rows
 
 
+def centred_middle_rows(kv, geo: CacheGeometry, adapter: ModelAdapter, kind: str, layers: tuple[int, ...],
+                        rotary_dim: int | None, mean: torch.Tensor) -> tuple[torch.Tensor, bool | None]:
+    """``middle_rows(...) - mean`` (the same bits), and whether every middle value read was finite.
+
+    Where every layer of the group is a contiguous CPU tensor (``rope_rows.fused_layer_path``) and ``rotary_dim``
+    is not None, one compiled pass gathers, un-rotates, centres and checks finiteness
+    (``rope_rows.gather_centred_rows``); else ``middle_rows`` then a subtraction, and the finiteness is None (not
+    checked: the caller checks the cache).
+    """
+    tensors = [kv[layer][0 if kind == "k" else 1] for layer in layers]
+    if rotary_dim is None or not all(fused_layer_path(t) for t in tensors) or mean.device.type != "cpu":
+        rows = middle_rows(kv, geo, adapter, kind, layers, rotary_dim)
+        return rows.sub_(mean), None
+    heads, d = tensors[0].shape[1], tensors[0].shape[3]
+    rows = torch.empty(geo.middle_tokens, len(layers) * heads * d, dtype=torch.float32)
+    finite = True
+    row = 0
+    for item in range(geo.batch):
+        lo, hi = geo.middle(item)
+        if hi <= lo:
+            continue
+        cos, sin = _span_cos_sin(adapter, layers[0], geo.first_position(item, lo), hi - lo, rotary_dim, "cpu")
+        finite &= gather_centred_rows(rows[row : row + hi - lo], [t[item] for t in tensors], lo, cos, sin, mean)
+        row += hi - lo
+    return rows, finite
+
+
+def _span_cos_sin(adapter: ModelAdapter, layer: int, start: int, n: int, rotary_dim: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE factors ``[n, rotary_dim]`` of ``n`` positions from ``start`` for the fused kernels (``[n, 0]``: no RoPE)."""
+    if not rotary_dim:
+        empty = torch.zeros(n, 0, device=device)
+        return empty, empty
+    cos, sin = adapter.cos_sin_span(layer, start, n, device)
+    return cos.contiguous(), sin.contiguous()
+
+
 def scatter_middle(kv, geo: CacheGeometry, adapter: ModelAdapter, kind: str, layers: tuple[int, ...],
                    projection: Projection, coords: torch.Tensor, layout: KVLayout, rotary_dim: int | None = None) -> None:
     """Decode ``coords`` (rows as ``middle_rows`` made them) into the middle of ``kv``'s tensors, in place.
@@ -107,6 +153,8 @@ def scatter_middle(kv, geo: CacheGeometry, adapter: ModelAdapter, kind: str, lay
     # as many small calls (measured: about 2x the time of the one product). The mean rides in it (addmm): a
     # separate addition would be one more pass over every decoded row.
     decoded = torch.addmm(projection.mean, coords, projection.decoder)
+    targets = [kv[layer][0 if kind == "k" else 1] for layer in layers]
+    fused = rotary_dim is not None and decoded.device.type == "cpu" and all(fused_layer_path(t) for t in targets)
     row = 0
     for item in range(geo.batch):
         lo, hi = geo.middle(item)
@@ -114,7 +162,10 @@ def scatter_middle(kv, geo: CacheGeometry, adapter: ModelAdapter, kind: str, lay
             continue
         positions = geo.positions(item, lo, hi, coords.device)
         block = decoded[row : row + hi - lo]
-        if rotary_dim is not None:
+        if fused:  # one compiled pass over the group's rows, straight into the cache tensors (``rope_rows``)
+            cos, sin = _span_cos_sin(adapter, layers[0], geo.first_position(item, lo), hi - lo, rotary_dim, "cpu")
+            scatter_rotated_rows([target[item] for target in targets], lo, block, cos, sin)
+        elif rotary_dim is not None:
             rows = block.view(hi - lo, len(layers) * heads, d)
             if rotary_dim:
                 cos, sin = adapter.cos_sin(layers[0], positions)
