@@ -222,3 +222,28 @@ def test_kernels_widen_and_narrow_half_precision_as_torch_converts(dtype):
     none = torch.zeros(rows.shape[0], 0)
     scatter_rotated_rows([dst], 0, rows, none, none)
     assert torch.equal(dst[0].view(torch.int16), rows.to(dtype).view(torch.int16))
+
+
+def test_concurrent_calls_give_the_sequential_bytes(calibrated):
+    """Serving stacks call one codec from many threads (LMCache's serde pool): the section pool is shared, so
+    concurrent compressions and decompressions must give exactly what one thread gives."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model_dir = calibrated("llama")
+    model, cache = prefill(model_dir, n=150, batch=1)
+    codec = kvcal.load(model_dir, ratio=4, model=model)
+    caches = [[(k * (1 + i / 8), v - i / 16) for k, v in _kv(cache, dtype)]
+              for i, dtype in enumerate([torch.float32, torch.bfloat16, torch.float16, torch.float32] * 2)]
+    blobs = [codec.compress(kv) for kv in caches]
+    decoded = [codec.decompress(blob) for blob in blobs]
+
+    def round_trip(i):
+        blob = codec.compress(caches[i])
+        return blob, codec.decompress(blobs[i])
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(round_trip, range(len(caches))))
+    for (blob, out), want_blob, want in zip(results, blobs, decoded):
+        assert blob == want_blob
+        for a, b in zip(out.layers, want.layers):
+            assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
