@@ -8,8 +8,8 @@ from test_codec import prefill
 import kvcal
 from kvcal.codec.bitstream import read_blob, read_blob_lazily, write_blob
 from kvcal.codec.entropy import SymbolModels
-from kvcal.codec.exact import gather_exact, host_all_finite, scatter_exact
-from kvcal.codec.geometry import CacheGeometry
+from kvcal.codec.exact import gather_exact, scatter_exact
+from kvcal.codec.geometry import CacheGeometry, host_all_finite
 from kvcal.codec.quantize import CoordinateQuantizer
 from kvcal.codec.transform import centred_middle_rows, middle_rows
 from kvcal.errors import BitstreamError, KvcalError

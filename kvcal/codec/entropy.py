@@ -67,7 +67,6 @@ class SymbolModels:
             out.append(constriction.stream.model.Categorical(pmf / pmf.sum(), perfect=False))
         return out
 
-
     @cached_property
     def rans_tables(self):
         """The quantized CDFs and bucket tables kvcal's own rANS codes with (``kvcal.codec.rans``)."""
@@ -79,7 +78,7 @@ class SymbolModels:
 class EntropyStage(Protocol):
     name: ClassVar[str]
     container_zstd: ClassVar[bool]  # whether the blob container should zstd the section
-    releases_gil: ClassVar[bool]  # whether decode runs in parallel on threads (worth a worker thread)
+    releases_gil: ClassVar[bool]  # whether encode/decode run in parallel on threads (worth a worker thread)
 
     def encode(self, codes: np.ndarray, models: SymbolModels) -> bytes: ...
 

@@ -17,24 +17,7 @@ import numpy as np
 import torch
 
 from kvcal.adapters import KVLayout
-from kvcal.codec.geometry import CacheGeometry
-
-# Same-width integer views (numpy has no bfloat16) and the exponent bits that make a value inf or NaN.
-_BITS = {torch.float32: (torch.int32, 0x7F800000), torch.bfloat16: (torch.int16, 0x7F80),
-         torch.float16: (torch.int16, 0x7C00)}
-
-
-def host_bits(t: torch.Tensor) -> np.ndarray:
-    """A contiguous CPU float tensor's elements as a numpy integer array of the same width (a view, no copy)."""
-    return t.view(_BITS[t.dtype][0]).numpy()
-
-
-def host_all_finite(t: torch.Tensor) -> bool:
-    """Whether a contiguous CPU float tensor holds no NaN or inf, from its exponent bits (numpy, one thread)."""
-    if t.numel() == 0:
-        return True
-    exponent = _BITS[t.dtype][1]
-    return not bool(np.any((host_bits(t) & exponent) == exponent))
+from kvcal.codec.geometry import HOST_BITS, CacheGeometry, host_bits
 
 
 def _parts(kv, geo: CacheGeometry, layout: KVLayout):
@@ -54,7 +37,7 @@ def gather_exact(kv, geo: CacheGeometry, layout: KVLayout) -> torch.Tensor:
     """The exact tokens of a cache in blob order, flat, in its dtype and on its device."""
     parts = list(_parts(kv, geo, layout))
     dtype, device = kv[0][0].dtype, kv[0][0].device
-    if device.type != "cpu" or dtype not in _BITS:
+    if device.type != "cpu" or dtype not in HOST_BITS:
         return torch.cat([p.reshape(-1) for p in parts]) if parts else torch.zeros(0, dtype=dtype, device=device)
     out = torch.empty(sum(p.numel() for p in parts), dtype=dtype)
     flat, pos = host_bits(out), 0
@@ -66,7 +49,7 @@ def gather_exact(kv, geo: CacheGeometry, layout: KVLayout) -> torch.Tensor:
 
 def scatter_exact(kv, exact: torch.Tensor, geo: CacheGeometry, layout: KVLayout) -> None:
     """Write flat exact tokens (``gather_exact``'s layout, on ``kv``'s device) into ``kv``, zeroing left padding."""
-    host = exact.device.type == "cpu" and exact.dtype in _BITS
+    host = exact.device.type == "cpu" and exact.dtype in HOST_BITS
     flat = host_bits(exact) if host else exact
     pos = 0
     for layer, pair in enumerate(kv):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from kvcal.adapters import KVLayout
@@ -37,6 +38,26 @@ def all_finite(t: torch.Tensor) -> bool:
         return True
     lo, hi = torch.aminmax(t)
     return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
+
+
+# Same-width integer views of the cache dtypes (numpy has no bfloat16, numba no float16; torch's integer views are
+# free) and the exponent bits that make a value inf or NaN.
+HOST_BITS = {torch.float32: (torch.int32, 0x7F800000), torch.bfloat16: (torch.int16, 0x7F80),
+             torch.float16: (torch.int16, 0x7C00)}
+
+
+def host_bits(t: torch.Tensor) -> np.ndarray:
+    """A CPU float tensor's elements as a numpy integer array of the same width (a view, no copy; any strides)."""
+    return t.view(HOST_BITS[t.dtype][0]).numpy()
+
+
+def host_all_finite(t: torch.Tensor) -> bool:
+    """``all_finite`` for a CPU tensor, from its exponent bits with numpy: single-threaded, so it runs beside the
+    codec's workers without torch's intra-op threads waiting on a core a worker holds."""
+    if t.numel() == 0:
+        return True
+    exponent = HOST_BITS[t.dtype][1]
+    return not bool(np.any((host_bits(t) & exponent) == exponent))
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,7 @@ from kvcal.codec.bitstream import (
     zstd_frame,
 )
 from kvcal.codec.entropy import DEFAULT_ENTROPY, ENTROPY_STAGES, entropy_stage
-from kvcal.codec.exact import gather_exact, host_all_finite, host_bits, scatter_exact
+from kvcal.codec.exact import gather_exact, scatter_exact
 from kvcal.codec.geometry import (
     BLOB_KIND,
     DTYPES,
@@ -53,6 +53,8 @@ from kvcal.codec.geometry import (
     all_finite,
     check_header_keys,
     dtype_name,
+    host_all_finite,
+    host_bits,
     read_geometry,
 )
 from kvcal.codec.kernels import check_mode as check_kernel_mode
@@ -412,10 +414,7 @@ class KVTCCodec:
         if self.stage.releases_gil:
             return section_pool().submit(fn, *args)
         future: Future = Future()
-        try:
-            future.set_result(fn(*args))
-        except BaseException as err:  # noqa: BLE001 - re-raised by result(), as a pool's would be
-            future.set_exception(err)
+        _settle(future, fn, args)
         return future
 
     # --- accounting ---------------------------------------------------------------------------------------
@@ -444,14 +443,19 @@ class KVTCCodec:
         }
 
 
+def _settle(future: Future, fn: Callable, args: tuple) -> None:
+    """Give ``future`` the result of ``fn(*args)``, or its exception (re-raised by ``result()``, as a pool's)."""
+    try:
+        future.set_result(fn(*args))
+    except BaseException as err:  # noqa: BLE001 - handed to whoever asks for the result
+        future.set_exception(err)
+
+
 def _settle_in_turn(calls: list[tuple[Future, Callable, tuple]]) -> None:
     """Run each ``(future, fn, args)`` in order, settling its future (skipped if cancelled before its turn)."""
     for future, fn, args in calls:
         if future.set_running_or_notify_cancel():
-            try:
-                future.set_result(fn(*args))
-            except BaseException as err:  # noqa: BLE001 - re-raised by result(), as a pool's would be
-                future.set_exception(err)
+            _settle(future, fn, args)
 
 
 class RunWhenAsked(Future):
@@ -465,10 +469,7 @@ class RunWhenAsked(Future):
         if self._call is not None and self.set_running_or_notify_cancel():
             fn, args = self._call
             self._call = None
-            try:
-                self.set_result(fn(*args))
-            except BaseException as err:  # noqa: BLE001 - re-raised by result(), as a pool's would be
-                self.set_exception(err)
+            _settle(self, fn, args)
         return super().result(timeout)
 
 

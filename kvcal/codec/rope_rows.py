@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from kvcal.adapters.base import rotate_into, unrotate_into
+from kvcal.codec.geometry import host_bits
 
 
 def _compiled_path(*tensors: torch.Tensor) -> bool:
@@ -52,20 +53,17 @@ def rotate_rows(out: torch.Tensor, rows: torch.Tensor, cos: torch.Tensor, sin: t
 def fused_layer_path(t: torch.Tensor) -> bool:
     """Whether a cache tensor ``[batch, heads, tokens, dims]`` can be read or written by the fused kernels (float32,
     bfloat16 or float16, contiguous, on the CPU)."""
-    return t.device.type == "cpu" and t.dtype in _WORDS and t.is_contiguous()
+    return t.device.type == "cpu" and t.dtype in _FORMATS and t.is_contiguous()
 
 
-# A cache tensor's elements as unsigned words (numpy has no bfloat16, and numba no float16; torch's integer views
-# are free), with the format code the kernels widen and narrow them by: float32 as it is, bfloat16 as a float32's
+# The format code the kernels widen and narrow a cache tensor's words by: float32 as it is, bfloat16 as a float32's
 # top half, float16 by its own exponent and mantissa.
-_F32, _BF16, _F16 = 0, 1, 2
-_WORDS = {torch.float32: (torch.int32, np.uint32, _F32), torch.bfloat16: (torch.int16, np.uint16, _BF16),
-          torch.float16: (torch.int16, np.uint16, _F16)}
+_FORMATS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 def _words(layers: list[torch.Tensor]) -> tuple[tuple[np.ndarray, ...], int]:
-    signed, unsigned, fmt = _WORDS[layers[0].dtype]
-    return tuple(t.view(signed).numpy().view(unsigned) for t in layers), fmt
+    """The layers' elements as unsigned integer words (``host_bits``, viewed unsigned) and their format code."""
+    return tuple(host_bits(t).view(f"u{t.element_size()}") for t in layers), _FORMATS[layers[0].dtype]
 
 
 def gather_centred_rows(out: torch.Tensor, layers: list[torch.Tensor], lo: int, cos: torch.Tensor, sin: torch.Tensor,
@@ -188,6 +186,8 @@ def _gather_centred_rope(srcs, fmt, lo, cos, sin, mean, out):  # pragma: no cove
     return top
 
 
+# The plain (no RoPE) kernels share the RoPE kernels' loops but not their body: the RoPE kernels with rot = 0 ran
+# 30 % slower (measured, float32 and bfloat16), the RoPE loops' bounds keeping the copy from vectorising as well.
 @numba.njit(cache=True, nogil=True, error_model="numpy")
 def _gather_centred_plain(srcs, fmt, lo, mean, out):  # pragma: no cover - compiled
     n = out.shape[0]

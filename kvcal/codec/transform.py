@@ -160,8 +160,8 @@ def scatter_middle(kv, geo: CacheGeometry, adapter: ModelAdapter, kind: str, lay
         lo, hi = geo.middle(item)
         if hi <= lo:
             continue
-        positions = geo.positions(item, lo, hi, coords.device)
         block = decoded[row : row + hi - lo]
+        positions = None if fused else geo.positions(item, lo, hi, coords.device)
         if fused:  # one compiled pass over the group's rows, straight into the cache tensors (``rope_rows``)
             cos, sin = _span_cos_sin(adapter, layers[0], geo.first_position(item, lo), hi - lo, rotary_dim, "cpu")
             scatter_rotated_rows([target[item] for target in targets], lo, block, cos, sin)
